@@ -1,0 +1,117 @@
+"""Adapter save/load: ``adapter_config.json`` + one ``adapter_model.safetensors`` holding every adapter
+tensor exactly once (shared branches too). No pickle. Loading checks every key and shape before it copies
+anything, so a bad file leaves the model as it was.
+
+Keys: ``global.<site>.lora_A``, ``mid.<site>.<group>.lora_A``, ``layer.<module>.lora_A`` (and ``lora_B``),
+``modules_to_save.<module>.<param>`` for full modules trained beside the adapter.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import CONFIG_NAME, MSPLoraConfig
+from .model import _matches, apply_msplora, get_bank, has_msplora, msplora_layers, unload
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def adapter_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
+    """Every adapter Parameter under its file key, shared ones once."""
+    bank = get_bank(model)
+    out: Dict[str, nn.Parameter] = {}
+
+    def add(prefix: str, branch) -> None:
+        if branch is not None:
+            out[f"{prefix}.lora_A"] = branch.A
+            out[f"{prefix}.lora_B"] = branch.B
+
+    for site, info in bank.sites.items():
+        add(f"global.{site}", bank.global_branch(site))
+        for group in sorted(set(info["groups"])):
+            add(f"mid.{site}.{group}", bank.mid_branch(site, group))
+    for name, layer in msplora_layers(model):
+        add(f"layer.{name}", layer.layer_branch)
+    if bank.config.modules_to_save:
+        for name, module in model.named_modules():
+            if _matches(name, bank.config.modules_to_save):
+                for pname, p in module.named_parameters():
+                    out[f"modules_to_save.{name}.{pname}"] = p
+    return out
+
+
+def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    return {k: p.detach() for k, p in adapter_parameters(model).items()}
+
+
+def save_adapter(model: nn.Module, directory: str) -> None:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``."""
+    state = {k: t.contiguous().cpu() for k, t in adapter_state_dict(model).items()}
+    get_bank(model).config.save_pretrained(directory)
+    save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt", "adapter": "msplora"})
+
+
+def _read_weights(path: str) -> Dict[str, torch.Tensor]:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no adapter weights at {path}")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read adapter weights {path}: {e}") from None
+
+
+def _check_state(expected: Dict[str, nn.Parameter], found: Dict[str, torch.Tensor], path: str) -> None:
+    problems: List[str] = []
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    problems += [f"missing key {k} (expected shape {tuple(expected[k].shape)})" for k in missing[:5]]
+    problems += [f"unexpected key {k} (shape {tuple(found[k].shape)})" for k in unexpected[:5]]
+    for k in sorted(set(expected) & set(found)):
+        if tuple(found[k].shape) != tuple(expected[k].shape):
+            problems.append(f"{k}: expected shape {tuple(expected[k].shape)}, found {tuple(found[k].shape)}")
+        elif not found[k].is_floating_point():
+            problems.append(f"{k}: expected a floating-point tensor, found {found[k].dtype}")
+    if problems:
+        more = len(missing) + len(unexpected) - min(len(missing), 5) - min(len(unexpected), 5)
+        tail = f" (and {more} more missing/unexpected keys)" if more > 0 else ""
+        raise ValueError(f"adapter {path} does not fit this model: " + "; ".join(problems) + tail)
+
+
+def load_adapter(model: nn.Module, directory: str) -> nn.Module:
+    """Load an adapter saved by :func:`save_adapter` into ``model``.
+
+    A plain model gets the adapter's config applied first (as ``PeftModel.from_pretrained`` does); a model
+    that already has MSPLoRA adapters gets its adapter weights replaced. Any error leaves ``model`` unchanged.
+    """
+    config = MSPLoraConfig.from_pretrained(directory)
+    path = os.path.join(directory, WEIGHTS_NAME)
+    found = _read_weights(path)
+    applied_here = not has_msplora(model)
+    if applied_here:
+        requires_grad = {p: p.requires_grad for p in model.parameters()}
+        apply_msplora(model, config)
+    try:
+        expected = adapter_parameters(model)
+        _check_state(expected, found, path)
+    except Exception:
+        if applied_here:
+            unload(model, merge=False)
+            for p, flag in requires_grad.items():
+                p.requires_grad_(flag)
+        raise
+    with torch.no_grad():
+        for key, param in expected.items():
+            param.copy_(found[key])
+    return model
+
+
+def read_adapter_config(directory: str) -> MSPLoraConfig:
+    return MSPLoraConfig.from_pretrained(directory)
+
+
+__all__: Tuple[str, ...] = ("save_adapter", "load_adapter", "adapter_state_dict", "adapter_parameters", "CONFIG_NAME")

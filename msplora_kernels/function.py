@@ -1,0 +1,161 @@
+"""MSPLoRA linear as one differentiable op: custom ops (so ``torch.compile`` traces them) → functional.
+
+The forward op returns ``(y, S)``; autograd keeps only ``x``, ``S`` (M x R) and the dropout seed, and the
+backward op recomputes the dropout masks. The gradient maths is in ``torch_backend``'s docstring; every
+backend implements the same ``forward``/``backward`` contract.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .dispatch import get_backend, resolve_backend
+from .reference import Branch, msplora_linear_ref
+
+_SEED_HIGH = 2**31 - 1  # Philox seeds in Triton are 32-bit
+
+
+@torch.library.custom_op("msplora::linear_forward", mutates_args=())
+def _linear_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    a_cat: torch.Tensor,
+    b_cat: torch.Tensor,
+    ranks: List[int],
+    scalings: List[float],
+    p: float,
+    seed: torch.Tensor,
+    backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    return get_backend(backend).forward(x, weight, bias, a_cat, b_cat, ranks, scalings, p, int(seed))
+
+
+@_linear_forward.register_fake
+def _(x, weight, bias, a_cat, b_cat, ranks, scalings, p, seed, backend):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], a_cat.shape[0]))
+
+
+@torch.library.custom_op("msplora::linear_backward", mutates_args=())
+def _linear_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    s: torch.Tensor,
+    weight: torch.Tensor,
+    a_cat: torch.Tensor,
+    b_cat: torch.Tensor,
+    ranks: List[int],
+    scalings: List[float],
+    p: float,
+    seed: torch.Tensor,
+    backend: str,
+    need_dx: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, da, db = get_backend(backend).backward(
+        dy, x, s, weight, a_cat, b_cat, ranks, scalings, p, int(seed), need_dx
+    )
+    return (dx if dx is not None else x.new_empty(0)), da, db
+
+
+@_linear_backward.register_fake
+def _(dy, x, s, weight, a_cat, b_cat, ranks, scalings, p, seed, backend, need_dx):
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else x.new_empty(0)
+    return dx, torch.empty_like(a_cat), torch.empty_like(b_cat)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, a_cat, b_cat, ranks, scalings, p, seed, backend = inputs
+    ctx.save_for_backward(x, output[1], weight, a_cat, b_cat, seed)
+    ctx.meta = (list(ranks), list(scalings), p, backend, bias is not None)
+
+
+def _backward(ctx, dy, _ds):
+    x, s, weight, a_cat, b_cat, seed = ctx.saved_tensors
+    ranks, scalings, p, backend, has_bias = ctx.meta
+    need_dx, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    dx, da, db = torch.ops.msplora.linear_backward(
+        dy, x, s, weight, a_cat, b_cat, ranks, scalings, p, seed, backend, need_dx
+    )
+    # The base layer is normally frozen; these cover training code that unfreezes it.
+    dweight = dy.t() @ x if need_dw else None
+    dbias = dy.sum(0) if (need_db and has_bias) else None
+    return (dx if need_dx else None), dweight, dbias, da, db, None, None, None, None, None
+
+
+_linear_forward.register_autograd(_backward, setup_context=_setup_context)
+
+_NO_SEED = torch.zeros((), dtype=torch.int64)
+
+
+def _check_shapes(x: torch.Tensor, weight: torch.Tensor, branches: Sequence[Branch]) -> None:
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        rows = x.numel() // max(x.shape[-1], 1)
+        raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({rows}x{x.shape[-1]} and {k}x{n})")
+    for i, (a, b, _) in enumerate(branches):
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != k or b.shape[0] != n or a.shape[0] != b.shape[1]:
+            raise ValueError(
+                f"branch {i}: expected A of shape (r, {k}) and B of shape ({n}, r), "
+                f"got A {tuple(a.shape)} and B {tuple(b.shape)}"
+            )
+    for name, t in [("weight", weight)] + [(f"branch {i} A", a) for i, (a, _, _) in enumerate(branches)]:
+        if t.device != x.device:
+            raise RuntimeError(f"msplora_linear: input is on {x.device} but {name} is on {t.device}")
+
+
+def msplora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    branches: Sequence[Branch],
+    dropout_p: float = 0.0,
+    training: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``y = x W^T + b + sum_s scaling_s * (drop_s(x) A_s^T) B_s^T`` for branches ``(A_s, B_s, scaling_s)``.
+
+    Same arguments as :func:`msplora_linear_ref`; ``x`` may have any leading shape. Adapter weights are
+    cast to the activation dtype (they may be kept in fp32); under autocast everything runs in the
+    autocast dtype, as ``nn.Linear`` does.
+    """
+    _check_shapes(x, weight, branches)
+    name = resolve_backend(backend, x.device)
+    if name == "reference":
+        return msplora_linear_ref(x, weight, bias, branches, dropout_p, training)
+    if not branches:
+        return F.linear(x, weight, bias)
+
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return msplora_linear(
+                x.to(dtype),
+                weight.to(dtype),
+                bias.to(dtype) if bias is not None else None,
+                [(a.to(dtype), b.to(dtype), c) for a, b, c in branches],
+                dropout_p,
+                training,
+                name,
+            )
+    if weight.dtype != x.dtype:
+        raise RuntimeError(
+            f"expected input and weight to have the same dtype, but got {x.dtype} and {weight.dtype}"
+        )
+
+    p = float(dropout_p) if training else 0.0
+    if len(branches) == 1:
+        a_cat, b_cat = branches[0][0].to(x.dtype), branches[0][1].to(x.dtype)
+    else:
+        a_cat = torch.cat([a for a, _, _ in branches]).to(x.dtype)
+        b_cat = torch.cat([b for _, b, _ in branches], dim=1).to(x.dtype)
+    ranks = [a.shape[0] for a, _, _ in branches]
+    scalings = [float(c) for _, _, c in branches]
+    seed = torch.randint(_SEED_HIGH, (), dtype=torch.int64) if p > 0 else _NO_SEED
+
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    y, _ = torch.ops.msplora.linear_forward(x2d, weight, bias, a_cat, b_cat, ranks, scalings, p, seed, name)
+    return y.reshape(*lead, weight.shape[0])
