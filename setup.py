@@ -1,0 +1,22 @@
+from setuptools import find_packages, setup
+
+TEST = ["pytest>=8", "pytest-benchmark>=4", "peft>=0.13", "accelerate>=1.0", "matplotlib>=3.7"]
+
+setup(
+    name="msplora",
+    version="0.1.0",
+    description="Multi-Scale Pyramid LoRA (MSPLoRA) with fused Triton kernels for PyTorch and Hugging Face models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["msplora", "msplora.*", "msplora_kernels", "msplora_kernels.*", "benchmarks", "benchmarks.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.45",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+        "triton>=3.0; platform_system == 'Linux'",
+    ],
+    extras_require={"test": TEST, "peft": ["peft>=0.13"], "glue": ["datasets>=2.14", "evaluate>=0.4", "scipy", "scikit-learn"]},
+    license="Apache-2.0",
+)
