@@ -177,16 +177,18 @@ def apply_msplora(model: nn.Module, config: MSPLoraConfig) -> nn.Module:
         index, site = layer_index(name)
         by_site.setdefault(site, []).append((index if index is not None else 0, name, module))
 
+    for site, members in by_site.items():  # validate everything before changing anything
+        members.sort(key=lambda t: t[0])
+        shapes = {linear_features(m) for _, _, m in members}
+        if len(shapes) != 1:
+            raise ValueError(f"site {site} has layers of different shapes {sorted(shapes)}; they cannot share branches")
+
     for p in model.parameters():
         p.requires_grad_(False)
     bank = MSPLoraBank(config)
     replacements = []
     for site, members in by_site.items():
-        members.sort(key=lambda t: t[0])
         in_f, out_f = linear_features(members[0][2])
-        shapes = {linear_features(m) for _, _, m in members}
-        if len(shapes) != 1:
-            raise ValueError(f"site {site} has layers of different shapes {sorted(shapes)}; they cannot share branches")
         groups = group_positions(len(members), config.num_mid_groups)
         factory = dict(device=members[0][2].weight.device, dtype=torch.float32)
         bank.add_site(site, [n for _, n, _ in members], groups, in_f, out_f, **factory)
