@@ -3,6 +3,7 @@ Hugging Face models, on a fused kernel (``msplora_kernels``)."""
 from msplora_kernels import msplora_linear, msplora_linear_ref
 
 from .config import SCALES, MSPLoraConfig
+from .export import export_peft
 from .io import adapter_state_dict, load_adapter, save_adapter
 from .layer import LoraBranch, MSPLoraLinear
 from .model import (
@@ -32,6 +33,7 @@ __all__ = [
     "apply_msplora",
     "count_parameters",
     "disable_adapters",
+    "export_peft",
     "group_positions",
     "load_adapter",
     "merge",
