@@ -21,6 +21,8 @@ from .model import (
     unmerge,
 )
 
+from .training import MSPLoraTrainer, StagedTrainingCallback
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -29,6 +31,8 @@ __all__ = [
     "MSPLoraBank",
     "MSPLoraConfig",
     "MSPLoraLinear",
+    "MSPLoraTrainer",
+    "StagedTrainingCallback",
     "adapter_state_dict",
     "apply_msplora",
     "count_parameters",
