@@ -1,0 +1,1 @@
+"""Private Triton kernels (``kernels``) and their launch choices (``tuning``); use ``triton_backend``."""

@@ -1,0 +1,242 @@
+"""Triton kernels of the MSPLoRA linear layer (launched by ``msplora_kernels.triton_backend``).
+
+Notation: x (M, K), W (N, K), A = [A_1; ...; A_n] (R, K) with each branch's rows already multiplied by its
+coefficient c_s = scaling_s / (1 - p) on the host, B = [B_1 | ... | B_n] (N, R), S (M, R), dy (M, N).
+Branch s owns the rank columns ``bounds[s]:bounds[s + 1]`` (``bounds`` is an int32 tensor of n + 1 entries).
+
+Dropout: the keep-mask of branch s at x[m, k] is one Philox draw at counter (m*K + k as two 32-bit words,
+s, 0) under the 32-bit ``seed``; the element is kept when its top 24 bits are >= round(p * 2^24). It is
+drawn in registers wherever x is touched and never stored (``_dropout_mask_kernel`` writes it for tests).
+
+Kernels (all accumulate in fp32 and store in the output's dtype):
+
+    _matmul_lowrank_kernel   C (+)= P Q + bias + sum_s keep_s ⊙ (L_s U_s)        (one write of C)
+        forward:  P = x,  Q = W^T,  L = S,  U = B^T,  one unmasked segment        ->  y
+        dx:       P = dy, Q = W,    L = dS, U = A,    masked per branch           ->  dx
+        plain:    dS = dy B,  dB = dy^T S (split over M),  x W^T (``linear``),  y += S B^T (unfused)
+    _shrink_kernel           S[:, s] = (keep_s ⊙ x) A_s^T                          (M, R)
+    _lowrank_grad_a_kernel   G[j, s] = dS_s^T (keep_s ⊙ x) over the rows of slice j   (splits, R, K)
+                             (the launcher sums the slices and multiplies by c_s: dA_s = c_s dS_s^T D_s(x))
+    _dropout_mask_kernel     keep[s, m, k]                                        (n, M, K)
+
+Row offsets are 64-bit, so M*K or M*N beyond 2^31 elements are addressed correctly.
+"""
+import triton
+import triton.language as tl
+
+# Philox4x32 with 7 rounds passes BigCrush (Salmon et al., SC'11); 3 fewer rounds than the default.
+_PHILOX_ROUNDS = 7
+
+
+@triton.jit
+def _keep_mask(seed, rows, cols, row_len, branch, threshold):
+    """keep[i, j] for element (rows[i], cols[j]) of an x with ``row_len`` columns, in ``branch``'s stream."""
+    offsets = rows.to(tl.int64)[:, None] * row_len + cols.to(tl.int64)[None, :]
+    low = offsets.to(tl.uint32)
+    high = (offsets >> 32).to(tl.uint32)
+    zero = low * 0
+    stream = zero.to(tl.int32, bitcast=True) + branch  # philox bitcasts counters to uint32
+    bits, _, _, _ = tl.philox(seed, low, high, stream, zero, _PHILOX_ROUNDS)
+    return (bits >> 8).to(tl.int32) >= threshold
+
+
+@triton.jit
+def _grouped_tile(pid, rows, cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tile (pid_m, pid_n) of program ``pid``: GROUP_M row tiles sweep the columns together (L2 reuse)."""
+    tiles_m = tl.cdiv(rows, BLOCK_M)
+    tiles_n = tl.cdiv(cols, BLOCK_N)
+    group_width = GROUP_M * tiles_n
+    first_m = (pid // group_width) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_width) % group_rows
+    pid_n = (pid % group_width) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def _accumulate_low_rank(
+    acc, l_ptr, u_ptr, rm, rn, M, N, r_lo, r_hi,
+    stride_lm, stride_lr, stride_ur, stride_un,
+    BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """acc + L[rm, r_lo:r_hi] U[r_lo:r_hi, rn], the rank range walked in BLOCK_R steps."""
+    for r0 in range(r_lo, r_hi, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        in_rank = rr < r_hi
+        l_tile = tl.load(
+            l_ptr + rm[:, None] * stride_lm + rr[None, :] * stride_lr,
+            mask=(rm < M)[:, None] & in_rank[None, :], other=0.0,
+        )
+        u_tile = tl.load(
+            u_ptr + rr[:, None] * stride_ur + rn[None, :] * stride_un,
+            mask=in_rank[:, None] & (rn < N)[None, :], other=0.0,
+        )
+        acc = tl.dot(l_tile, u_tile, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _matmul_lowrank_kernel(
+    p_ptr, q_ptr, c_ptr, bias_ptr, l_ptr, u_ptr, bounds_ptr,
+    M, N, K, R, seed, threshold,
+    stride_pm, stride_pk, stride_qk, stride_qn, stride_cs, stride_cm, stride_cn,
+    stride_lm, stride_lr, stride_ur, stride_un,
+    HAS_BIAS: tl.constexpr, HAS_LOW_RANK: tl.constexpr, MASKED_BRANCHES: tl.constexpr,
+    ACCUMULATE: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """C[split] (+)= P[:, slice] Q[slice, :] (+ bias + low-rank term when SPLIT_K == 1).
+
+    MASKED_BRANCHES == 0: the low-rank term is L U over all R columns; otherwise it is the sum over that
+    many branches of keep_s ⊙ (L_s U_s), keep_s drawn at C's element (m, n) of an (M, N) x-shaped matrix.
+    With SPLIT_K > 1, program axis 1 picks a slice of the reduction and writes C + slice * stride_cs.
+    """
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = tl.program_id(1) * k_per_split
+    k_end = tl.minimum(K, k_start + k_per_split)
+    p_ptrs = p_ptr + rm[:, None] * stride_pm + (k_start + rk).to(tl.int64)[None, :] * stride_pk
+    q_ptrs = q_ptr + (k_start + rk).to(tl.int64)[:, None] * stride_qk + rn[None, :] * stride_qn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        in_k = (k0 + rk) < k_end
+        p_tile = tl.load(p_ptrs, mask=(rm < M)[:, None] & in_k[None, :], other=0.0)
+        q_tile = tl.load(q_ptrs, mask=in_k[:, None] & (rn < N)[None, :], other=0.0)
+        acc = tl.dot(p_tile, q_tile, acc, input_precision=DOT_PRECISION)
+        p_ptrs += BLOCK_K * stride_pk
+        q_ptrs += BLOCK_K * stride_qk
+
+    if HAS_LOW_RANK:
+        if MASKED_BRANCHES == 0:
+            acc = _accumulate_low_rank(
+                acc, l_ptr, u_ptr, rm, rn, M, N, 0, R,
+                stride_lm, stride_lr, stride_ur, stride_un, BLOCK_R, DOT_PRECISION,
+            )
+        else:
+            for branch in tl.static_range(MASKED_BRANCHES):
+                r_lo = tl.load(bounds_ptr + branch)
+                r_hi = tl.load(bounds_ptr + branch + 1)
+                part = _accumulate_low_rank(
+                    tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), l_ptr, u_ptr, rm, rn, M, N, r_lo, r_hi,
+                    stride_lm, stride_lr, stride_ur, stride_un, BLOCK_R, DOT_PRECISION,
+                )
+                keep = _keep_mask(seed, rm, rn, N, branch, threshold)
+                acc += tl.where(keep, part, 0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+
+    c_ptrs = c_ptr + tl.program_id(1).to(tl.int64) * stride_cs + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    in_c = (rm < M)[:, None] & (rn < N)[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=in_c, other=0.0).to(tl.float32)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=in_c)
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr, a_ptr, s_ptr, bounds_ptr,
+    M, K, seed, threshold,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
+    DROPOUT: tl.constexpr, NUM_BRANCHES: tl.constexpr, RANK_TILES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """S[rows, r-tile of branch] = (keep_branch ⊙ x[rows]) A[r-tile]^T.
+
+    Program ``pid`` = row tile * (branches * RANK_TILES) + branch * RANK_TILES + rank tile, so the programs
+    of one row tile are adjacent in launch order and x is read from HBM about once. Without dropout the
+    launcher passes one "branch" spanning all R columns.
+    """
+    tiles_per_row = NUM_BRANCHES * RANK_TILES
+    pid_m = tl.program_id(0) // tiles_per_row
+    branch = (tl.program_id(0) % tiles_per_row) // RANK_TILES
+    r_lo = tl.load(bounds_ptr + branch) + (tl.program_id(0) % RANK_TILES) * BLOCK_R
+    r_hi = tl.load(bounds_ptr + branch + 1)
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = r_lo + tl.arange(0, BLOCK_R)
+    rk = tl.arange(0, BLOCK_K)
+    in_m = rm < M
+    in_r = rr < r_hi
+
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + rk
+        in_k = cols < K
+        x_tile = tl.load(
+            x_ptr + rm[:, None] * stride_xm + cols.to(tl.int64)[None, :] * stride_xk,
+            mask=in_m[:, None] & in_k[None, :], other=0.0,
+        )
+        if DROPOUT:
+            x_tile = tl.where(_keep_mask(seed, rm, cols, K, branch, threshold), x_tile, 0.0)
+        a_tile = tl.load(
+            a_ptr + rr[None, :] * stride_ar + cols[:, None] * stride_ak,
+            mask=in_k[:, None] & in_r[None, :], other=0.0,
+        )
+        acc = tl.dot(x_tile, a_tile, acc, input_precision=DOT_PRECISION)
+    tl.store(
+        s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
+        acc.to(s_ptr.dtype.element_ty), mask=in_m[:, None] & in_r[None, :],
+    )
+
+
+@triton.jit
+def _lowrank_grad_a_kernel(
+    ds_ptr, x_ptr, g_ptr, bounds_ptr,
+    M, K, seed, threshold,
+    stride_dsm, stride_dsr, stride_xm, stride_xk, stride_gs, stride_gr, stride_gk,
+    DROPOUT: tl.constexpr, RANK_TILES: tl.constexpr, SPLIT_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """G[slice, r-tile of branch, cols] = dS[rows of slice, r-tile]^T (keep_branch ⊙ x[rows of slice, cols]).
+
+    Axis 0: branch * RANK_TILES + rank tile (adjacent programs share x's tile); axis 1: column tile of x;
+    axis 2: slice of the rows.
+    """
+    branch = tl.program_id(0) // RANK_TILES
+    r_lo = tl.load(bounds_ptr + branch) + (tl.program_id(0) % RANK_TILES) * BLOCK_R
+    r_hi = tl.load(bounds_ptr + branch + 1)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rr = r_lo + tl.arange(0, BLOCK_R)
+    in_k = rk < K
+    in_r = rr < r_hi
+
+    m_per_split = tl.cdiv(tl.cdiv(M, SPLIT_M), BLOCK_M) * BLOCK_M
+    m_start = tl.program_id(2) * m_per_split
+    m_end = tl.minimum(M, m_start + m_per_split)
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        in_m = rows < m_end
+        ds_tile = tl.load(
+            ds_ptr + rr[:, None] * stride_dsr + rows[None, :] * stride_dsm,
+            mask=in_r[:, None] & in_m[None, :], other=0.0,
+        )
+        x_tile = tl.load(
+            x_ptr + rows[:, None] * stride_xm + rk.to(tl.int64)[None, :] * stride_xk,
+            mask=in_m[:, None] & in_k[None, :], other=0.0,
+        )
+        if DROPOUT:
+            x_tile = tl.where(_keep_mask(seed, rows, rk, K, branch, threshold), x_tile, 0.0)
+        acc = tl.dot(ds_tile, x_tile, acc, input_precision=DOT_PRECISION)
+    tl.store(
+        g_ptr + tl.program_id(2) * stride_gs + rr[:, None] * stride_gr + rk[None, :] * stride_gk,
+        acc, mask=in_r[:, None] & in_k[None, :],
+    )
+
+
+@triton.jit
+def _dropout_mask_kernel(
+    keep_ptr, M, K, seed, threshold,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """keep[branch, rows, cols] as int8, exactly as the other kernels draw it; axis 2 = branch."""
+    branch = tl.program_id(2)
+    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    keep = _keep_mask(seed, rm, rk, K, branch, threshold)
+    offsets = branch.to(tl.int64) * M * K + rm[:, None] * K + rk[None, :]
+    tl.store(keep_ptr + offsets, keep.to(tl.int8), mask=(rm < M)[:, None] & (rk < K)[None, :])

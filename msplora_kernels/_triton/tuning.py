@@ -1,0 +1,125 @@
+"""Every launch choice of the Triton backend, per architecture, in one place.
+
+Tiles, warps and stages are picked by a heuristic (a table per GPU generation) instead of autotuning: the
+interpreter that runs the tests on the CPU cannot afford to try configurations, and the backend must stay
+deterministic (one shape, one configuration). The Hopper defaults follow the usual Triton GEMM choices
+(128 x 128 x 64 tiles, 8 warps, 4 stages, grouped tile order); none of them is measured yet.
+
+``prefer_fused`` is the one rule that decides, under ``forced_path("auto")``, between the fused GEMM and
+the unfused path (cuBLAS GEMM + our shrink/expand kernels). Its thresholds are provisional until the GPU
+benchmark (``benchmarks/gpu_check.sh``) justifies them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+
+# A small-M GEMM leaves most SMs idle in our one-tile-per-program kernel, while cuBLAS picks split-K or
+# narrow tiles; below this many rows the extra read and write of Y in the unfused path is the cheaper cost.
+FUSED_MIN_ROWS = 1024
+
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class LowRankConfig:
+    """Tiles of the narrow kernels (shrink, dA, masks): rows of X per program, X columns per step, max rank tile."""
+
+    block_m: int
+    block_k: int
+    max_block_r: int
+    num_warps: int
+    num_stages: int
+
+
+# Keys: "interpreter", or the CUDA compute-capability major (9 = Hopper, 8 = Ampere/Ada); None = any other GPU.
+_MATMUL_16BIT = {
+    "interpreter": MatmulConfig(32, 32, 32, 2, 1, 1),
+    9: MatmulConfig(128, 128, 64, 8, 8, 4),
+    8: MatmulConfig(128, 128, 32, 8, 4, 4),
+    None: MatmulConfig(64, 64, 32, 8, 4, 3),
+}
+_MATMUL_32BIT = {
+    "interpreter": MatmulConfig(32, 32, 32, 2, 1, 1),
+    9: MatmulConfig(128, 64, 32, 8, 8, 3),
+    8: MatmulConfig(64, 64, 32, 8, 4, 3),
+    None: MatmulConfig(64, 64, 16, 8, 4, 2),
+}
+_LOW_RANK = {
+    "interpreter": LowRankConfig(32, 32, 32, 1, 1),
+    9: LowRankConfig(64, 128, 128, 4, 3),
+    8: LowRankConfig(64, 64, 128, 4, 3),
+    None: LowRankConfig(32, 64, 64, 4, 2),
+}
+# Narrow outputs (dS: M x R, dB: N x R) are GEMMs whose output width is the rank tile (block_n: its maximum).
+_NARROW_MATMUL = {
+    "interpreter": MatmulConfig(32, 32, 32, 1, 1, 1),
+    9: MatmulConfig(64, 128, 128, 8, 4, 3),
+    8: MatmulConfig(64, 128, 64, 8, 4, 3),
+    None: MatmulConfig(32, 64, 32, 8, 4, 2),
+}
+# Reductions over M (dA, dB) are split into at most this many slices, summed in a second pass, so that
+# a long M still fills the GPU without atomics (bit-identical results run to run).
+_MAX_SPLIT = {"interpreter": 2, 9: 16, 8: 16, None: 8}
+_ROWS_PER_SPLIT = {"interpreter": 32, 9: 1024, 8: 1024, None: 1024}
+
+
+def _arch(device: torch.device):
+    if device.type != "cuda":
+        return "interpreter"
+    major = torch.cuda.get_device_capability(device)[0]
+    return major if major in (8, 9) else None
+
+
+def _lookup(table: dict, device: torch.device):
+    arch = _arch(device)
+    return table.get(arch, table[None])
+
+
+def matmul_config(device: torch.device, dtype: torch.dtype) -> MatmulConfig:
+    table = _MATMUL_16BIT if dtype in (torch.float16, torch.bfloat16) else _MATMUL_32BIT
+    return _lookup(table, device)
+
+
+def narrow_matmul_config(device: torch.device, width: int) -> MatmulConfig:
+    """Config for a GEMM with ``width`` (<= a few hundred) output columns: the column tile covers them."""
+    base = _lookup(_NARROW_MATMUL, device)
+    block_n = rank_block(width, base.block_n)
+    return MatmulConfig(base.block_m, block_n, base.block_k, base.group_m, base.num_warps, base.num_stages)
+
+
+def low_rank_config(device: torch.device) -> LowRankConfig:
+    return _lookup(_LOW_RANK, device)
+
+
+def rank_block(rank: int, max_block: int) -> int:
+    """The rank tile: a power of two, at least 16 (the smallest ``tl.dot`` operand), at most ``max_block``."""
+    return max(16, min(triton.next_power_of_2(max(rank, 1)), max_block))
+
+
+def reduction_splits(rows: int, device: torch.device) -> int:
+    """How many slices a reduction over ``rows`` is cut into (each summed by one program, then added)."""
+    arch = _arch(device)
+    return max(1, min(_MAX_SPLIT.get(arch, _MAX_SPLIT[None]), rows // _ROWS_PER_SPLIT.get(arch, 1024)))
+
+
+def prefer_fused(m: int, n: int, k: int, device: torch.device, forced: Optional[str] = None) -> bool:
+    """The ``auto`` rule: fused GEMM for enough rows, else cuBLAS GEMM + our low-rank kernels."""
+    if forced == "fused":
+        return True
+    if forced == "unfused":
+        return False
+    if device.type != "cuda":
+        return True  # the interpreter exercises the fused kernels; speed means nothing there
+    return m >= FUSED_MIN_ROWS
