@@ -18,6 +18,11 @@ import torch.nn as nn
 from msplora_kernels import msplora_linear, msplora_linear_ref
 from msplora_kernels.dispatch import check_backend_name, resolve_backend
 
+try:  # FSDP2 keeps sharded parameters as DTensors
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch builds without distributed
+    DTensor = None
+
 try:  # GPT-2 style layers store their weight transposed
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is optional for the layer itself
@@ -135,6 +140,13 @@ class MSPLoraLinear(nn.Module):
         branches = self._active_branches()
         if self.disabled or self.merged or not branches:
             return self.base_layer(x)
+        if DTensor is not None and any(isinstance(a, DTensor) for a, _, _ in branches):
+            raise RuntimeError(
+                "MSPLoRA branch weights are still sharded (DTensor) when the layer runs: FSDP2 gathers a module's "
+                "parameters only when that module's forward runs, and msplora_bank and LoraBranch modules are never "
+                "called. Do not fully_shard model.msplora_bank or a LoraBranch: shard the decoder layers, then the "
+                "root model (whose forward gathers the bank)"
+            )
         weight, bias = self.base_weight_and_bias()
         return msplora_linear(x, weight, bias, branches, self.dropout, self.training, self.backend)
 
