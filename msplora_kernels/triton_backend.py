@@ -34,6 +34,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import triton
+import triton.language as tl
 
 from . import dispatch
 from ._triton import kernels, tuning
@@ -88,6 +89,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _acc_constexpr(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
 def _threshold(p: float) -> int:
     return round(p * 2**_MASK_BITS)
 
@@ -129,6 +138,8 @@ def _launch_matmul(
     dropout mask, drawn at out's elements (out is then x-shaped). ``lhs``/``rhs`` None: no main product.
     """
     m, n = out.shape[-2:]
+    if out.numel() == 0:
+        return
     operand = lhs if lhs is not None else low_rank[0]
     if lhs is None:
         k = 0
@@ -163,8 +174,8 @@ def _launch_matmul(
         HAS_BIAS=bias is not None, HAS_LOW_RANK=low_rank is not None, MASKED_BRANCHES=n_masked,
         ACCUMULATE=accumulate, SPLIT_K=splits,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        BLOCK_R=tuning.rank_block(widest, tuning.low_rank_config(out.device).max_block_r),
-        GROUP_M=config.group_m, DOT_PRECISION=_dot_precision(operand.dtype),
+        BLOCK_R=tuning.rank_block(widest, config.max_block_r),
+        GROUP_M=config.group_m, DOT_PRECISION=_dot_precision(operand.dtype), ACC_DTYPE=_acc_constexpr(operand.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
@@ -184,7 +195,7 @@ def _reduce_over_rows(
 ) -> torch.Tensor:
     """p q for a long inner dimension (rows of x): fp32 partial sums over slices, added by ``torch.sum``."""
     splits = tuning.reduction_splits(p.shape[1], p.device)
-    partial = torch.empty((splits, p.shape[0], q.shape[1]), device=p.device, dtype=torch.float32)
+    partial = torch.empty((splits, p.shape[0], q.shape[1]), device=p.device, dtype=_accumulator(p.dtype))
     _launch_matmul(partial, p, q, config, splits=splits)
     return partial.sum(0).to(out_dtype)
 
@@ -201,7 +212,8 @@ def _shrink(x: torch.Tensor, a_scaled: torch.Tensor, ranks: Sequence[int], p: fl
         x, a_scaled, s, bounds, m, k, seed, _threshold(p),
         *x.stride(), *a_scaled.stride(), *s.stride(),
         DROPOUT=p > 0.0, NUM_BRANCHES=len(segment_ranks), RANK_TILES=rank_tiles,
-        BLOCK_M=config.block_m, BLOCK_R=block_r, BLOCK_K=config.block_k, DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_M=config.block_m, BLOCK_R=block_r, BLOCK_K=config.block_k,
+        DOT_PRECISION=_dot_precision(x.dtype), ACC_DTYPE=_acc_constexpr(x.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return s
@@ -216,13 +228,14 @@ def _grad_a(
     block_r = tuning.rank_block(max(segment_ranks), config.max_block_r)
     rank_tiles = triton.cdiv(max(segment_ranks), block_r)
     splits = tuning.reduction_splits(m, x.device)
-    partial = torch.empty((splits, ds.shape[1], k), device=x.device, dtype=torch.float32)
+    partial = torch.empty((splits, ds.shape[1], k), device=x.device, dtype=_accumulator(x.dtype))
     grid = (len(segment_ranks) * rank_tiles, triton.cdiv(k, config.block_k), splits)
     kernels._lowrank_grad_a_kernel[grid](
         ds, x, partial, bounds, m, k, seed, _threshold(p),
         *ds.stride(), *x.stride(), *partial.stride(),
         DROPOUT=p > 0.0, RANK_TILES=rank_tiles, SPLIT_M=splits,
-        BLOCK_M=config.block_m, BLOCK_R=block_r, BLOCK_K=config.block_k, DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_M=config.block_m, BLOCK_R=block_r, BLOCK_K=config.block_k,
+        DOT_PRECISION=_dot_precision(x.dtype), ACC_DTYPE=_acc_constexpr(x.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     da = partial.sum(0) if splits > 1 else partial[0]

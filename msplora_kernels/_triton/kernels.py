@@ -8,7 +8,7 @@ Dropout: the keep-mask of branch s at x[m, k] is one Philox draw at counter (m*K
 s, 0) under the 32-bit ``seed``; the element is kept when its top 24 bits are >= round(p * 2^24). It is
 drawn in registers wherever x is touched and never stored (``_dropout_mask_kernel`` writes it for tests).
 
-Kernels (all accumulate in fp32 and store in the output's dtype):
+Kernels (all accumulate in fp32, fp64 for fp64 inputs, and store in the output's dtype):
 
     _matmul_lowrank_kernel   C (+)= P Q + bias + sum_s keep_s ⊙ (L_s U_s)        (one write of C)
         forward:  P = x,  Q = W^T,  L = S,  U = B^T,  one unmasked segment        ->  y
@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 # Philox4x32 with 7 rounds passes BigCrush (Salmon et al., SC'11); 3 fewer rounds than the default.
-_PHILOX_ROUNDS = 7
+_PHILOX_ROUNDS = tl.constexpr(7)
 
 
 @triton.jit
@@ -59,8 +59,12 @@ def _accumulate_low_rank(
     stride_lm, stride_lr, stride_ur, stride_un,
     BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """acc + L[rm, r_lo:r_hi] U[r_lo:r_hi, rn], the rank range walked in BLOCK_R steps."""
-    for r0 in range(r_lo, r_hi, BLOCK_R):
+    """acc + L[rm, r_lo:r_hi] U[r_lo:r_hi, rn], the rank range walked in BLOCK_R steps.
+
+    Not software-pipelined (num_stages=1): a few steps at most, and its buffers would add to the main
+    loop's shared memory.
+    """
+    for r0 in tl.range(r_lo, r_hi, BLOCK_R, num_stages=1):
         rr = r0 + tl.arange(0, BLOCK_R)
         in_rank = rr < r_hi
         l_tile = tl.load(
@@ -71,7 +75,7 @@ def _accumulate_low_rank(
             u_ptr + rr[:, None] * stride_ur + rn[None, :] * stride_un,
             mask=in_rank[:, None] & (rn < N)[None, :], other=0.0,
         )
-        acc = tl.dot(l_tile, u_tile, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(l_tile, u_tile, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
     return acc
 
 
@@ -84,7 +88,7 @@ def _matmul_lowrank_kernel(
     HAS_BIAS: tl.constexpr, HAS_LOW_RANK: tl.constexpr, MASKED_BRANCHES: tl.constexpr,
     ACCUMULATE: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """C[split] (+)= P[:, slice] Q[slice, :] (+ bias + low-rank term when SPLIT_K == 1).
 
@@ -100,14 +104,15 @@ def _matmul_lowrank_kernel(
     k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_start = tl.program_id(1) * k_per_split
     k_end = tl.minimum(K, k_start + k_per_split)
-    p_ptrs = p_ptr + rm[:, None] * stride_pm + (k_start + rk).to(tl.int64)[None, :] * stride_pk
-    q_ptrs = q_ptr + (k_start + rk).to(tl.int64)[:, None] * stride_qk + rn[None, :] * stride_qn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Rows and columns past the edge are read at a wrapped index (their results are never stored), so the
+    # loads need no mask along M or N: such masks keep Triton from pipelining the loop.
+    p_ptrs = p_ptr + (rm % M)[:, None] * stride_pm + (k_start + rk).to(tl.int64)[None, :] * stride_pk
+    q_ptrs = q_ptr + (k_start + rk).to(tl.int64)[:, None] * stride_qk + (rn % N)[None, :] * stride_qn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for k0 in range(k_start, k_end, BLOCK_K):
-        in_k = (k0 + rk) < k_end
-        p_tile = tl.load(p_ptrs, mask=(rm < M)[:, None] & in_k[None, :], other=0.0)
-        q_tile = tl.load(q_ptrs, mask=in_k[:, None] & (rn < N)[None, :], other=0.0)
-        acc = tl.dot(p_tile, q_tile, acc, input_precision=DOT_PRECISION)
+        p_tile = tl.load(p_ptrs, mask=rk[None, :] < k_end - k0, other=0.0)
+        q_tile = tl.load(q_ptrs, mask=rk[:, None] < k_end - k0, other=0.0)
+        acc = tl.dot(p_tile, q_tile, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         p_ptrs += BLOCK_K * stride_pk
         q_ptrs += BLOCK_K * stride_qk
 
@@ -122,18 +127,18 @@ def _matmul_lowrank_kernel(
                 r_lo = tl.load(bounds_ptr + branch)
                 r_hi = tl.load(bounds_ptr + branch + 1)
                 part = _accumulate_low_rank(
-                    tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), l_ptr, u_ptr, rm, rn, M, N, r_lo, r_hi,
+                    tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE), l_ptr, u_ptr, rm, rn, M, N, r_lo, r_hi,
                     stride_lm, stride_lr, stride_ur, stride_un, BLOCK_R, DOT_PRECISION,
                 )
                 keep = _keep_mask(seed, rm, rn, N, branch, threshold)
                 acc += tl.where(keep, part, 0.0)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(ACC_DTYPE)[None, :]
 
     c_ptrs = c_ptr + tl.program_id(1).to(tl.int64) * stride_cs + rm[:, None] * stride_cm + rn[None, :] * stride_cn
     in_c = (rm < M)[:, None] & (rn < N)[None, :]
     if ACCUMULATE:
-        acc += tl.load(c_ptrs, mask=in_c, other=0.0).to(tl.float32)
+        acc += tl.load(c_ptrs, mask=in_c, other=0.0).to(ACC_DTYPE)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=in_c)
 
 
@@ -144,6 +149,7 @@ def _shrink_kernel(
     stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
     DROPOUT: tl.constexpr, NUM_BRANCHES: tl.constexpr, RANK_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
     """S[rows, r-tile of branch] = (keep_branch ⊙ x[rows]) A[r-tile]^T.
 
@@ -154,29 +160,28 @@ def _shrink_kernel(
     tiles_per_row = NUM_BRANCHES * RANK_TILES
     pid_m = tl.program_id(0) // tiles_per_row
     branch = (tl.program_id(0) % tiles_per_row) // RANK_TILES
-    r_lo = tl.load(bounds_ptr + branch) + (tl.program_id(0) % RANK_TILES) * BLOCK_R
+    branch_lo = tl.load(bounds_ptr + branch)
+    r_lo = branch_lo + (tl.program_id(0) % RANK_TILES) * BLOCK_R
     r_hi = tl.load(bounds_ptr + branch + 1)
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = r_lo + tl.arange(0, BLOCK_R)
     rk = tl.arange(0, BLOCK_K)
     in_m = rm < M
     in_r = rr < r_hi
+    # Out-of-range rows of x and A are read at a safe index and their results dropped at the store: only
+    # the reduction (K) needs a load mask, which keeps the loop pipelined.
+    x_ptrs = x_ptr + (rm % M)[:, None] * stride_xm + rk.to(tl.int64)[None, :] * stride_xk
+    a_ptrs = a_ptr + tl.where(in_r, rr, branch_lo)[None, :] * stride_ar + rk[:, None] * stride_ak
 
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
     for k0 in range(0, K, BLOCK_K):
-        cols = k0 + rk
-        in_k = cols < K
-        x_tile = tl.load(
-            x_ptr + rm[:, None] * stride_xm + cols.to(tl.int64)[None, :] * stride_xk,
-            mask=in_m[:, None] & in_k[None, :], other=0.0,
-        )
+        x_tile = tl.load(x_ptrs, mask=rk[None, :] < K - k0, other=0.0)
         if DROPOUT:
-            x_tile = tl.where(_keep_mask(seed, rm, cols, K, branch, threshold), x_tile, 0.0)
-        a_tile = tl.load(
-            a_ptr + rr[None, :] * stride_ar + cols[:, None] * stride_ak,
-            mask=in_k[:, None] & in_r[None, :], other=0.0,
-        )
-        acc = tl.dot(x_tile, a_tile, acc, input_precision=DOT_PRECISION)
+            x_tile = tl.where(_keep_mask(seed, rm, k0 + rk, K, branch, threshold), x_tile, 0.0)
+        a_tile = tl.load(a_ptrs, mask=rk[:, None] < K - k0, other=0.0)
+        acc = tl.dot(x_tile, a_tile, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        x_ptrs += BLOCK_K * stride_xk
+        a_ptrs += BLOCK_K * stride_ak
     tl.store(
         s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
         acc.to(s_ptr.dtype.element_ty), mask=in_m[:, None] & in_r[None, :],
@@ -190,6 +195,7 @@ def _lowrank_grad_a_kernel(
     stride_dsm, stride_dsr, stride_xm, stride_xk, stride_gs, stride_gr, stride_gk,
     DROPOUT: tl.constexpr, RANK_TILES: tl.constexpr, SPLIT_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
     """G[slice, r-tile of branch, cols] = dS[rows of slice, r-tile]^T (keep_branch ⊙ x[rows of slice, cols]).
 
@@ -197,31 +203,30 @@ def _lowrank_grad_a_kernel(
     axis 2: slice of the rows.
     """
     branch = tl.program_id(0) // RANK_TILES
-    r_lo = tl.load(bounds_ptr + branch) + (tl.program_id(0) % RANK_TILES) * BLOCK_R
+    branch_lo = tl.load(bounds_ptr + branch)
+    r_lo = branch_lo + (tl.program_id(0) % RANK_TILES) * BLOCK_R
     r_hi = tl.load(bounds_ptr + branch + 1)
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     rr = r_lo + tl.arange(0, BLOCK_R)
+    rows = tl.arange(0, BLOCK_M)
     in_k = rk < K
     in_r = rr < r_hi
 
     m_per_split = tl.cdiv(tl.cdiv(M, SPLIT_M), BLOCK_M) * BLOCK_M
     m_start = tl.program_id(2) * m_per_split
     m_end = tl.minimum(M, m_start + m_per_split)
-    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    # As in the shrink: only the reduction (rows of x) is masked in the loads, to keep the loop pipelined.
+    ds_ptrs = ds_ptr + tl.where(in_r, rr, branch_lo)[:, None] * stride_dsr + (m_start + rows).to(tl.int64)[None, :] * stride_dsm
+    x_ptrs = x_ptr + (m_start + rows).to(tl.int64)[:, None] * stride_xm + (rk % K)[None, :] * stride_xk
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=ACC_DTYPE)
     for m0 in range(m_start, m_end, BLOCK_M):
-        rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-        in_m = rows < m_end
-        ds_tile = tl.load(
-            ds_ptr + rr[:, None] * stride_dsr + rows[None, :] * stride_dsm,
-            mask=in_r[:, None] & in_m[None, :], other=0.0,
-        )
-        x_tile = tl.load(
-            x_ptr + rows[:, None] * stride_xm + rk.to(tl.int64)[None, :] * stride_xk,
-            mask=in_m[:, None] & in_k[None, :], other=0.0,
-        )
+        ds_tile = tl.load(ds_ptrs, mask=rows[None, :] < m_end - m0, other=0.0)
+        x_tile = tl.load(x_ptrs, mask=rows[:, None] < m_end - m0, other=0.0)
         if DROPOUT:
-            x_tile = tl.where(_keep_mask(seed, rows, rk, K, branch, threshold), x_tile, 0.0)
-        acc = tl.dot(ds_tile, x_tile, acc, input_precision=DOT_PRECISION)
+            x_tile = tl.where(_keep_mask(seed, m0 + rows, rk, K, branch, threshold), x_tile, 0.0)
+        acc = tl.dot(ds_tile, x_tile, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        ds_ptrs += BLOCK_M * stride_dsm
+        x_ptrs += BLOCK_M * stride_xm
     tl.store(
         g_ptr + tl.program_id(2) * stride_gs + rr[:, None] * stride_gr + rk[None, :] * stride_gk,
         acc, mask=in_r[:, None] & in_k[None, :],

@@ -24,12 +24,16 @@ FUSED_MIN_ROWS = 1024
 
 @dataclass(frozen=True)
 class MatmulConfig:
+    """Tiles of a GEMM program (block_m x block_n output, block_k inner step) and its low-rank epilogue's
+    largest rank step (``max_block_r``)."""
+
     block_m: int
     block_n: int
     block_k: int
     group_m: int
     num_warps: int
     num_stages: int
+    max_block_r: int = 64
 
 
 @dataclass(frozen=True)
@@ -45,13 +49,13 @@ class LowRankConfig:
 
 # Keys: "interpreter", or the CUDA compute-capability major (9 = Hopper, 8 = Ampere/Ada); None = any other GPU.
 _MATMUL_16BIT = {
-    "interpreter": MatmulConfig(32, 32, 32, 2, 1, 1),
+    "interpreter": MatmulConfig(32, 32, 32, 2, 1, 1, 32),
     9: MatmulConfig(128, 128, 64, 8, 8, 4),
     8: MatmulConfig(128, 128, 32, 8, 4, 4),
     None: MatmulConfig(64, 64, 32, 8, 4, 3),
 }
 _MATMUL_32BIT = {
-    "interpreter": MatmulConfig(32, 32, 32, 2, 1, 1),
+    "interpreter": MatmulConfig(32, 32, 32, 2, 1, 1, 32),
     9: MatmulConfig(128, 64, 32, 8, 8, 3),
     8: MatmulConfig(64, 64, 32, 8, 4, 3),
     None: MatmulConfig(64, 64, 16, 8, 4, 2),
@@ -64,7 +68,7 @@ _LOW_RANK = {
 }
 # Narrow outputs (dS: M x R, dB: N x R) are GEMMs whose output width is the rank tile (block_n: its maximum).
 _NARROW_MATMUL = {
-    "interpreter": MatmulConfig(32, 32, 32, 1, 1, 1),
+    "interpreter": MatmulConfig(32, 32, 32, 1, 1, 1, 32),
     9: MatmulConfig(64, 128, 128, 8, 4, 3),
     8: MatmulConfig(64, 128, 64, 8, 4, 3),
     None: MatmulConfig(32, 64, 32, 8, 4, 2),
@@ -96,7 +100,8 @@ def narrow_matmul_config(device: torch.device, width: int) -> MatmulConfig:
     """Config for a GEMM with ``width`` (<= a few hundred) output columns: the column tile covers them."""
     base = _lookup(_NARROW_MATMUL, device)
     block_n = rank_block(width, base.block_n)
-    return MatmulConfig(base.block_m, block_n, base.block_k, base.group_m, base.num_warps, base.num_stages)
+    return MatmulConfig(base.block_m, block_n, base.block_k, base.group_m, base.num_warps, base.num_stages,
+                        base.max_block_r)
 
 
 def low_rank_config(device: torch.device) -> LowRankConfig:
