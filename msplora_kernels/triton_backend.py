@@ -4,9 +4,9 @@ Notation as in ``torch_backend``: x (M, K), W (N, K), A = [A_1; ...; A_n] (R, K)
 (N, R), c_s = scaling_s / (1 - p), D_s(x) = keep_s ⊙ x, A' = A with branch s's rows times c_s (R x K, made
 on the host: tiny next to x).
 
-Forward (two launches, x read twice: once by the shrink, once by the GEMM):
+Forward (two launches, x read twice: once by the shrink, for all branches, once by the GEMM):
 
-    S = [D_1(x) A'_1^T | ... | D_n(x) A'_n^T]            _shrink_kernel                   (M, R)
+    S = [D_1(x) A'_1^T | ... | D_n(x) A'_n^T]            _shrink_kernel, one Philox draw per element (M, R)
     y = x W^T + b + S B^T                                 _matmul_lowrank_kernel, one write of y
 
 Backward, given dy (M, N):
@@ -18,8 +18,10 @@ Backward, given dy (M, N):
 
 Reductions over M (dB, dA) are cut into a fixed number of slices written to an fp32 buffer and summed by
 ``torch.sum``: no atomics anywhere, so gradients are bit-identical run to run (whether or not
-``torch.are_deterministic_algorithms_enabled()``). Masks are Philox draws from ``seed``, the branch index and
-the element's offset in x (see ``_triton/kernels.py``); they are never stored.
+``torch.are_deterministic_algorithms_enabled()``). Masks come from one Philox draw per element of x, keyed
+by ``seed`` and the element's offset, whose four words serve up to four branches (see ``_triton/kernels.py``);
+they are drawn three times per training step (shrink, dx, dA) and never stored. Saved for backward: x, S and
+the seed, as the contract asks.
 
 Paths: ``fused`` runs the GEMMs above; ``unfused`` runs x W^T + b and dy W with ``torch`` (cuBLAS) and adds the
 low-rank terms with the same kernels in accumulate mode (y += S B^T, dx += sum_s keep_s ⊙ (dS_s A'_s)),
@@ -41,6 +43,7 @@ from ._triton import kernels, tuning
 from .torch_backend import _branch_coefficients, _scaled_rows
 
 PATHS = ("auto", "fused", "unfused")
+MAX_BRANCHES = 4  # one Philox draw gives four words: one mask per branch
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MASK_BITS = 24  # the kernels compare the top 24 bits of each Philox draw with round(p * 2^24)
 _forced = {"path": "auto"}
@@ -82,6 +85,14 @@ def _check_tensors(**tensors: Optional[torch.Tensor]) -> None:
         )
 
 
+def _check_branches(ranks: Sequence[int]) -> None:
+    if not 1 <= len(ranks) <= MAX_BRANCHES or min(ranks) < 1:
+        raise ValueError(
+            f"triton backend: expected 1 to {MAX_BRANCHES} branches of rank >= 1, got ranks {list(ranks)}; "
+            "use backend='torch' for more branches"
+        )
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     """fp32 operands use TF32 tensor cores only where PyTorch's matmuls would (``allow_tf32``)."""
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
@@ -109,15 +120,6 @@ def _rank_bounds(ranks: Tuple[int, ...], device: torch.device) -> torch.Tensor:
     for rank in ranks:
         bounds.append(bounds[-1] + rank)
     return torch.tensor(bounds, dtype=torch.int32, device=device)
-
-
-def _segments(ranks: Sequence[int], p: float, device: torch.device) -> Tuple[torch.Tensor, List[int]]:
-    """Rank segments the narrow kernels walk: one per branch under dropout (each has its own mask), else a
-    single one spanning all R columns (x read once for every branch)."""
-    if p > 0.0:
-        return _rank_bounds(tuple(ranks), device), list(ranks)
-    total = sum(ranks)
-    return _rank_bounds((total,), device), [total]
 
 
 def _launch_matmul(
@@ -200,18 +202,23 @@ def _reduce_over_rows(
     return partial.sum(0).to(out_dtype)
 
 
+def _rank_tiles(total_rank: int, config: tuning.LowRankConfig) -> Tuple[int, int]:
+    """(BLOCK_R, tiles): the rank window of the shrink and dA kernels and how many windows cover R."""
+    block_r = tuning.rank_block(total_rank, config.max_block_r)
+    return block_r, triton.cdiv(total_rank, block_r)
+
+
 def _shrink(x: torch.Tensor, a_scaled: torch.Tensor, ranks: Sequence[int], p: float, seed: int) -> torch.Tensor:
     m, k = x.shape
-    s = torch.empty((m, a_scaled.shape[0]), device=x.device, dtype=x.dtype)
-    bounds, segment_ranks = _segments(ranks, p, x.device)
-    config = tuning.low_rank_config(x.device)
-    block_r = tuning.rank_block(max(segment_ranks), config.max_block_r)
-    rank_tiles = triton.cdiv(max(segment_ranks), block_r)
-    grid = (triton.cdiv(m, config.block_m) * len(segment_ranks) * rank_tiles,)
+    total_rank = a_scaled.shape[0]
+    s = torch.empty((m, total_rank), device=x.device, dtype=x.dtype)
+    config = tuning.low_rank_config(x.device, x.dtype)
+    block_r, rank_tiles = _rank_tiles(total_rank, config)
+    grid = (triton.cdiv(m, config.block_m) * rank_tiles,)
     kernels._shrink_kernel[grid](
-        x, a_scaled, s, bounds, m, k, seed, _threshold(p),
+        x, a_scaled, s, _rank_bounds(tuple(ranks), x.device), m, k, total_rank, seed, _threshold(p),
         *x.stride(), *a_scaled.stride(), *s.stride(),
-        DROPOUT=p > 0.0, NUM_BRANCHES=len(segment_ranks), RANK_TILES=rank_tiles,
+        MASKED_BRANCHES=len(ranks) if p > 0.0 else 0, RANK_TILES=rank_tiles,
         BLOCK_M=config.block_m, BLOCK_R=block_r, BLOCK_K=config.block_k,
         DOT_PRECISION=_dot_precision(x.dtype), ACC_DTYPE=_acc_constexpr(x.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
@@ -223,17 +230,16 @@ def _grad_a(
     ds: torch.Tensor, x: torch.Tensor, ranks: Sequence[int], coefs: Sequence[float], p: float, seed: int
 ) -> torch.Tensor:
     m, k = x.shape
-    bounds, segment_ranks = _segments(ranks, p, x.device)
-    config = tuning.low_rank_config(x.device)
-    block_r = tuning.rank_block(max(segment_ranks), config.max_block_r)
-    rank_tiles = triton.cdiv(max(segment_ranks), block_r)
+    total_rank = ds.shape[1]
+    config = tuning.low_rank_config(x.device, x.dtype)
+    block_r, rank_tiles = _rank_tiles(total_rank, config)
     splits = tuning.reduction_splits(m, x.device)
-    partial = torch.empty((splits, ds.shape[1], k), device=x.device, dtype=_accumulator(x.dtype))
-    grid = (len(segment_ranks) * rank_tiles, triton.cdiv(k, config.block_k), splits)
+    partial = torch.empty((splits, total_rank, k), device=x.device, dtype=_accumulator(x.dtype))
+    grid = (rank_tiles, triton.cdiv(k, config.block_k), splits)
     kernels._lowrank_grad_a_kernel[grid](
-        ds, x, partial, bounds, m, k, seed, _threshold(p),
+        ds, x, partial, _rank_bounds(tuple(ranks), x.device), m, k, total_rank, seed, _threshold(p),
         *ds.stride(), *x.stride(), *partial.stride(),
-        DROPOUT=p > 0.0, RANK_TILES=rank_tiles, SPLIT_M=splits,
+        MASKED_BRANCHES=len(ranks) if p > 0.0 else 0, SPLIT_M=splits,
         BLOCK_M=config.block_m, BLOCK_R=block_r, BLOCK_K=config.block_k,
         DOT_PRECISION=_dot_precision(x.dtype), ACC_DTYPE=_acc_constexpr(x.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
@@ -254,6 +260,7 @@ def forward(
     seed: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     _check_tensors(x=x, weight=weight, bias=bias, a_cat=a_cat, b_cat=b_cat)
+    _check_branches(ranks)
     m, k = x.shape
     n = weight.shape[0]
     if m == 0:
@@ -285,6 +292,7 @@ def backward(
     need_dx: bool,
 ) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
     _check_tensors(dy=dy, x=x, s=s, weight=weight, a_cat=a_cat, b_cat=b_cat)
+    _check_branches(ranks)
     m, k = x.shape
     n = weight.shape[0]
     if m == 0:
@@ -315,11 +323,13 @@ def backward(
 
 def dropout_masks(seed: int, n_branches: int, m: int, k: int, p: float, device: torch.device) -> torch.Tensor:
     """The keep-masks the kernels draw for ``seed``: (n_branches, M, K) booleans (for tests)."""
+    if n_branches > MAX_BRANCHES:
+        raise ValueError(f"triton backend: at most {MAX_BRANCHES} branches, got {n_branches}")
     keep = torch.empty((n_branches, m, k), dtype=torch.int8, device=device)
     if keep.numel() == 0:
         return keep.bool()
     _check_tensors(keep=keep.float())
-    config = tuning.low_rank_config(torch.device(device))
+    config = tuning.low_rank_config(torch.device(device), torch.float16)
     grid = (triton.cdiv(m, config.block_m), triton.cdiv(k, config.block_k), n_branches)
     kernels._dropout_mask_kernel[grid](
         keep, m, k, seed, _threshold(p), BLOCK_M=config.block_m, BLOCK_K=config.block_k,

@@ -207,7 +207,8 @@ def test_dropout_masks_keep_rate_independence_and_reproducibility(p):
 def _keep_mask_at_kernel(keep_ptr, first_row, K, seed, threshold, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = first_row + tl.arange(0, BLOCK_M).to(tl.int64)
     cols = tl.arange(0, BLOCK_K)
-    keep = kernels._keep_mask(seed, rows, cols, K, 0, threshold)
+    w0, w1, w2, w3 = kernels._philox_words(seed, rows, cols, K)
+    keep = kernels._keeps(w0, w1, w2, w3, 0, threshold)
     tl.store(keep_ptr + tl.arange(0, BLOCK_M)[:, None] * BLOCK_K + cols[None, :], keep.to(tl.int8))
 
 
@@ -322,6 +323,9 @@ def test_mixed_devices_and_dtypes_are_refused_clearly():
         triton_backend.forward(x, torch.randn(5, 4, device=DEVICE), None, a, bb, [2], [1.0], 0.0, 0)
     with pytest.raises(TypeError, match="not supported"):
         triton_backend.linear(x.int(), torch.randn(5, 4, device=DEVICE).int())
+    five = torch.randn(5, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="expected 1 to 4 branches"):
+        triton_backend.forward(x, five, None, five, torch.randn(5, 5, device=DEVICE), [1] * 5, [1.0] * 5, 0.1, 0)
 
 
 # ---- a whole model ----------------------------------------------------------------------------------------

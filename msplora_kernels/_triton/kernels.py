@@ -4,14 +4,15 @@ Notation: x (M, K), W (N, K), A = [A_1; ...; A_n] (R, K) with each branch's rows
 coefficient c_s = scaling_s / (1 - p) on the host, B = [B_1 | ... | B_n] (N, R), S (M, R), dy (M, N).
 Branch s owns the rank columns ``bounds[s]:bounds[s + 1]`` (``bounds`` is an int32 tensor of n + 1 entries).
 
-Dropout: the keep-mask of branch s at x[m, k] is one Philox draw at counter (m*K + k as two 32-bit words,
-s, 0) under the 32-bit ``seed``; the element is kept when its top 24 bits are >= round(p * 2^24). It is
-drawn in registers wherever x is touched and never stored (``_dropout_mask_kernel`` writes it for tests).
+Dropout: one Philox4x32 draw per element x[m, k], at counter (m*K + k as two 32-bit words, 0, 0) under the
+32-bit ``seed``, gives four 32-bit words; branch s (n <= 4) keeps the element when the top 24 bits of word s
+are >= round(p * 2^24). So every kernel that touches an element draws once for all branches. Masks live in
+registers only (``_dropout_mask_kernel`` writes them out, for tests).
 
 Kernels (all accumulate in fp32, fp64 for fp64 inputs, and store in the output's dtype):
 
     _matmul_lowrank_kernel   C (+)= P Q + bias + sum_s keep_s ⊙ (L_s U_s)        (one write of C)
-        forward:  P = x,  Q = W^T,  L = S,  U = B^T,  one unmasked segment        ->  y
+        forward:  P = x,  Q = W^T,  L = S,  U = B^T,  unmasked                    ->  y
         dx:       P = dy, Q = W,    L = dS, U = A,    masked per branch           ->  dx
         plain:    dS = dy B,  dB = dy^T S (split over M),  x W^T (``linear``),  y += S B^T (unfused)
     _shrink_kernel           S[:, s] = (keep_s ⊙ x) A_s^T                          (M, R)
@@ -29,14 +30,19 @@ _PHILOX_ROUNDS = tl.constexpr(7)
 
 
 @triton.jit
-def _keep_mask(seed, rows, cols, row_len, branch, threshold):
-    """keep[i, j] for element (rows[i], cols[j]) of an x with ``row_len`` columns, in ``branch``'s stream."""
+def _philox_words(seed, rows, cols, row_len):
+    """Four random uint32 blocks for elements (rows[i], cols[j]) of an x with ``row_len`` columns."""
     offsets = rows.to(tl.int64)[:, None] * row_len + cols.to(tl.int64)[None, :]
     low = offsets.to(tl.uint32)
     high = (offsets >> 32).to(tl.uint32)
     zero = low * 0
-    stream = zero.to(tl.int32, bitcast=True) + branch  # philox bitcasts counters to uint32
-    bits, _, _, _ = tl.philox(seed, low, high, stream, zero, _PHILOX_ROUNDS)
+    return tl.philox(seed, low, high, zero, zero, _PHILOX_ROUNDS)
+
+
+@triton.jit
+def _keeps(w0, w1, w2, w3, branch, threshold):
+    """Branch ``branch``'s keep-mask from the four Philox words (``branch`` constexpr or a runtime scalar)."""
+    bits = tl.where(branch == 0, w0, tl.where(branch == 1, w1, tl.where(branch == 2, w2, w3)))
     return (bits >> 8).to(tl.int32) >= threshold
 
 
@@ -123,6 +129,7 @@ def _matmul_lowrank_kernel(
                 stride_lm, stride_lr, stride_ur, stride_un, BLOCK_R, DOT_PRECISION,
             )
         else:
+            w0, w1, w2, w3 = _philox_words(seed, rm, rn, N)
             for branch in tl.static_range(MASKED_BRANCHES):
                 r_lo = tl.load(bounds_ptr + branch)
                 r_hi = tl.load(bounds_ptr + branch + 1)
@@ -130,8 +137,7 @@ def _matmul_lowrank_kernel(
                     tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE), l_ptr, u_ptr, rm, rn, M, N, r_lo, r_hi,
                     stride_lm, stride_lr, stride_ur, stride_un, BLOCK_R, DOT_PRECISION,
                 )
-                keep = _keep_mask(seed, rm, rn, N, branch, threshold)
-                acc += tl.where(keep, part, 0.0)
+                acc += tl.where(_keeps(w0, w1, w2, w3, branch, threshold), part, 0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(ACC_DTYPE)[None, :]
 
@@ -145,91 +151,92 @@ def _matmul_lowrank_kernel(
 @triton.jit
 def _shrink_kernel(
     x_ptr, a_ptr, s_ptr, bounds_ptr,
-    M, K, seed, threshold,
+    M, K, R, seed, threshold,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
-    DROPOUT: tl.constexpr, NUM_BRANCHES: tl.constexpr, RANK_TILES: tl.constexpr,
+    MASKED_BRANCHES: tl.constexpr, RANK_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
-    """S[rows, r-tile of branch] = (keep_branch ⊙ x[rows]) A[r-tile]^T.
+    """S[rows, r-tile] = sum_s (keep_s ⊙ x[rows]) A[r-tile ∩ branch s]^T  (no masks: x[rows] A[r-tile]^T).
 
-    Program ``pid`` = row tile * (branches * RANK_TILES) + branch * RANK_TILES + rank tile, so the programs
-    of one row tile are adjacent in launch order and x is read from HBM about once. Without dropout the
-    launcher passes one "branch" spanning all R columns.
+    Program ``pid`` = row tile * RANK_TILES + rank tile. x's tile is loaded and its Philox words drawn
+    once per step for every branch; each branch adds one product with the other branches' A rows zeroed.
     """
-    tiles_per_row = NUM_BRANCHES * RANK_TILES
-    pid_m = tl.program_id(0) // tiles_per_row
-    branch = (tl.program_id(0) % tiles_per_row) // RANK_TILES
-    branch_lo = tl.load(bounds_ptr + branch)
-    r_lo = branch_lo + (tl.program_id(0) % RANK_TILES) * BLOCK_R
-    r_hi = tl.load(bounds_ptr + branch + 1)
+    pid_m = tl.program_id(0) // RANK_TILES
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rr = r_lo + tl.arange(0, BLOCK_R)
+    rr = (tl.program_id(0) % RANK_TILES) * BLOCK_R + tl.arange(0, BLOCK_R)
     rk = tl.arange(0, BLOCK_K)
-    in_m = rm < M
-    in_r = rr < r_hi
     # Out-of-range rows of x and A are read at a safe index and their results dropped at the store: only
     # the reduction (K) needs a load mask, which keeps the loop pipelined.
     x_ptrs = x_ptr + (rm % M)[:, None] * stride_xm + rk.to(tl.int64)[None, :] * stride_xk
-    a_ptrs = a_ptr + tl.where(in_r, rr, branch_lo)[None, :] * stride_ar + rk[:, None] * stride_ak
+    a_ptrs = a_ptr + (rr % R)[None, :] * stride_ar + rk[:, None] * stride_ak
 
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
     for k0 in range(0, K, BLOCK_K):
         x_tile = tl.load(x_ptrs, mask=rk[None, :] < K - k0, other=0.0)
-        if DROPOUT:
-            x_tile = tl.where(_keep_mask(seed, rm, k0 + rk, K, branch, threshold), x_tile, 0.0)
         a_tile = tl.load(a_ptrs, mask=rk[:, None] < K - k0, other=0.0)
-        acc = tl.dot(x_tile, a_tile, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        if MASKED_BRANCHES == 0:
+            acc = tl.dot(x_tile, a_tile, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        else:
+            w0, w1, w2, w3 = _philox_words(seed, rm, k0 + rk, K)
+            for branch in tl.static_range(MASKED_BRANCHES):
+                in_branch = (rr >= tl.load(bounds_ptr + branch)) & (rr < tl.load(bounds_ptr + branch + 1))
+                acc = tl.dot(
+                    tl.where(_keeps(w0, w1, w2, w3, branch, threshold), x_tile, 0.0),
+                    tl.where(in_branch[None, :], a_tile, 0.0),
+                    acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE,
+                )
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K * stride_ak
     tl.store(
         s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
-        acc.to(s_ptr.dtype.element_ty), mask=in_m[:, None] & in_r[None, :],
+        acc.to(s_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rr < R)[None, :],
     )
 
 
 @triton.jit
 def _lowrank_grad_a_kernel(
     ds_ptr, x_ptr, g_ptr, bounds_ptr,
-    M, K, seed, threshold,
+    M, K, R, seed, threshold,
     stride_dsm, stride_dsr, stride_xm, stride_xk, stride_gs, stride_gr, stride_gk,
-    DROPOUT: tl.constexpr, RANK_TILES: tl.constexpr, SPLIT_M: tl.constexpr,
+    MASKED_BRANCHES: tl.constexpr, SPLIT_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
-    """G[slice, r-tile of branch, cols] = dS[rows of slice, r-tile]^T (keep_branch ⊙ x[rows of slice, cols]).
+    """G[slice, r-tile, cols] = sum_s dS[rows, r-tile ∩ branch s]^T (keep_s ⊙ x[rows, cols]), rows of the slice.
 
-    Axis 0: branch * RANK_TILES + rank tile (adjacent programs share x's tile); axis 1: column tile of x;
-    axis 2: slice of the rows.
+    Axis 0: rank tile (adjacent programs share x's tile); axis 1: column tile of x; axis 2: slice of rows.
     """
-    branch = tl.program_id(0) // RANK_TILES
-    branch_lo = tl.load(bounds_ptr + branch)
-    r_lo = branch_lo + (tl.program_id(0) % RANK_TILES) * BLOCK_R
-    r_hi = tl.load(bounds_ptr + branch + 1)
+    rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    rr = r_lo + tl.arange(0, BLOCK_R)
     rows = tl.arange(0, BLOCK_M)
-    in_k = rk < K
-    in_r = rr < r_hi
 
     m_per_split = tl.cdiv(tl.cdiv(M, SPLIT_M), BLOCK_M) * BLOCK_M
     m_start = tl.program_id(2) * m_per_split
     m_end = tl.minimum(M, m_start + m_per_split)
     # As in the shrink: only the reduction (rows of x) is masked in the loads, to keep the loop pipelined.
-    ds_ptrs = ds_ptr + tl.where(in_r, rr, branch_lo)[:, None] * stride_dsr + (m_start + rows).to(tl.int64)[None, :] * stride_dsm
+    ds_ptrs = ds_ptr + (rr % R)[:, None] * stride_dsr + (m_start + rows).to(tl.int64)[None, :] * stride_dsm
     x_ptrs = x_ptr + (m_start + rows).to(tl.int64)[:, None] * stride_xm + (rk % K)[None, :] * stride_xk
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=ACC_DTYPE)
     for m0 in range(m_start, m_end, BLOCK_M):
         ds_tile = tl.load(ds_ptrs, mask=rows[None, :] < m_end - m0, other=0.0)
         x_tile = tl.load(x_ptrs, mask=rows[:, None] < m_end - m0, other=0.0)
-        if DROPOUT:
-            x_tile = tl.where(_keep_mask(seed, m0 + rows, rk, K, branch, threshold), x_tile, 0.0)
-        acc = tl.dot(ds_tile, x_tile, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        if MASKED_BRANCHES == 0:
+            acc = tl.dot(ds_tile, x_tile, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        else:
+            w0, w1, w2, w3 = _philox_words(seed, m0 + rows, rk, K)
+            for branch in tl.static_range(MASKED_BRANCHES):
+                in_branch = (rr >= tl.load(bounds_ptr + branch)) & (rr < tl.load(bounds_ptr + branch + 1))
+                acc = tl.dot(
+                    tl.where(in_branch[:, None], ds_tile, 0.0),
+                    tl.where(_keeps(w0, w1, w2, w3, branch, threshold), x_tile, 0.0),
+                    acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE,
+                )
         ds_ptrs += BLOCK_M * stride_dsm
         x_ptrs += BLOCK_M * stride_xm
     tl.store(
         g_ptr + tl.program_id(2) * stride_gs + rr[:, None] * stride_gr + rk[None, :] * stride_gk,
-        acc, mask=in_r[:, None] & in_k[None, :],
+        acc, mask=(rr < R)[:, None] & (rk < K)[None, :],
     )
 
 
@@ -242,6 +249,7 @@ def _dropout_mask_kernel(
     branch = tl.program_id(2)
     rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = _keep_mask(seed, rm, rk, K, branch, threshold)
+    w0, w1, w2, w3 = _philox_words(seed, rm, rk, K)
+    keep = _keeps(w0, w1, w2, w3, branch, threshold)
     offsets = branch.to(tl.int64) * M * K + rm[:, None] * K + rk[None, :]
     tl.store(keep_ptr + offsets, keep.to(tl.int8), mask=(rm < M)[:, None] & (rk < K)[None, :])

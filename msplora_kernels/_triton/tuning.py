@@ -60,11 +60,17 @@ _MATMUL_32BIT = {
     8: MatmulConfig(64, 64, 32, 8, 4, 3),
     None: MatmulConfig(64, 64, 16, 8, 4, 2),
 }
-_LOW_RANK = {
+_LOW_RANK_16BIT = {
     "interpreter": LowRankConfig(32, 32, 32, 1, 1),
     9: LowRankConfig(64, 128, 128, 4, 3),
     8: LowRankConfig(64, 64, 128, 4, 3),
     None: LowRankConfig(32, 64, 64, 4, 2),
+}
+_LOW_RANK_32BIT = {
+    "interpreter": LowRankConfig(32, 32, 32, 1, 1),
+    9: LowRankConfig(64, 64, 128, 4, 3),
+    8: LowRankConfig(64, 32, 64, 4, 3),
+    None: LowRankConfig(32, 32, 64, 4, 2),
 }
 # Narrow outputs (dS: M x R, dB: N x R) are GEMMs whose output width is the rank tile (block_n: its maximum).
 _NARROW_MATMUL = {
@@ -104,8 +110,9 @@ def narrow_matmul_config(device: torch.device, width: int) -> MatmulConfig:
                         base.max_block_r)
 
 
-def low_rank_config(device: torch.device) -> LowRankConfig:
-    return _lookup(_LOW_RANK, device)
+def low_rank_config(device: torch.device, dtype: torch.dtype) -> LowRankConfig:
+    table = _LOW_RANK_16BIT if dtype in (torch.float16, torch.bfloat16) else _LOW_RANK_32BIT
+    return _lookup(table, device)
 
 
 def rank_block(rank: int, max_block: int) -> int:
