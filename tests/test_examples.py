@@ -1,0 +1,134 @@
+"""The examples run offline end to end (``--smoke``: tiny random models, generated data, the real code path):
+the Trainer fine-tune with staged training, checkpoints, resume and PEFT export; the GLUE comparison with
+its table and exact trainable-parameter counts; and the torchrun launcher on 2 CPU processes."""
+import importlib.util
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import msplora
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from more threads, and spinning threads slow a busy 2-core machine badly."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load_example(name):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", os.path.join(EXAMPLES, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def trainer_state(checkpoint):
+    with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+        return json.load(f)
+
+
+def test_finetune_trainer_smoke_trains_resumes_and_exports(tmp_path):
+    finetune = load_example("finetune_trainer")
+    common = ["--smoke", "--output", str(tmp_path), "--block-size", "48", "--save-steps", "2", "--staged",
+              "--lr", "1e-2"]
+    first = finetune.main(common + ["--max-steps", "4", "--export-peft"])
+    assert math.isfinite(first["eval_loss"])
+    assert trainer_state(tmp_path / "checkpoint-4")["global_step"] == 4
+    assert not (tmp_path / "checkpoint-4" / "model.safetensors").exists()  # adapter-only checkpoints
+
+    # The saved adapter and its PEFT export both reproduce the trained model's outputs on a fresh base model.
+    peft = pytest.importorskip("peft")
+    args = finetune.parse_args(common + ["--max-steps", "4"])
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with_adapter = msplora.load_adapter(finetune.load_model_and_tokenizer(args)[0], str(tmp_path / "adapter")).eval()
+    exported = peft.PeftModel.from_pretrained(finetune.load_model_and_tokenizer(args)[0],
+                                              str(tmp_path / "peft-lora")).eval()
+    with torch.no_grad():
+        expected = with_adapter(input_ids=ids).logits
+        assert (expected - finetune.load_model_and_tokenizer(args)[0](input_ids=ids).logits).abs().max() > 1e-3
+        torch.testing.assert_close(exported(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+    resumed = finetune.main(common + ["--max-steps", "6", "--resume"])
+    assert trainer_state(tmp_path / "checkpoint-6")["global_step"] == 6
+    assert math.isfinite(resumed["eval_loss"])
+
+
+def test_glue_smoke_compares_lora_and_msplora_with_exact_parameter_counts(tmp_path, capsys):
+    glue = load_example("glue")
+    rows = glue.main(["--smoke", "--tasks", "rte", "stsb", "--output", str(tmp_path)])
+
+    hidden, layers, sites = 32, 4, 2  # the smoke RoBERTa; sites: query and value
+    lora = layers * sites * glue.LORA_RANK * 2 * hidden
+    r_g, r_m, r_l = glue.MSPLORA_RANKS
+    groups = min(glue.MID_GROUPS, layers)
+    msp = sites * (r_g + groups * r_m + layers * r_l) * 2 * hidden
+    assert [(r["task"], r["method"]) for r in rows] == [("rte", "lora"), ("rte", "msplora"),
+                                                        ("stsb", "lora"), ("stsb", "msplora")]
+    for row in rows:
+        assert row["adapter_params"] == (lora if row["method"] == "lora" else msp)
+        assert row["trainable_params"] > row["adapter_params"]  # the classifier head trains too
+        assert row["metric"] == ("pearson" if row["task"] == "stsb" else "accuracy")
+        assert -1.0 <= row["score"] <= 1.0
+        assert os.path.isdir(row["best_checkpoint"])  # load_best_model_at_end found its checkpoint
+    msplora_best = [r["best_checkpoint"] for r in rows if r["method"] == "msplora"]
+    assert all(os.path.isfile(os.path.join(d, "adapter_model.safetensors")) for d in msplora_best)
+
+    table = capsys.readouterr().out
+    assert "| rte | msplora | 3,584 |" in table and f"| stsb | lora | {lora:,} |" in table
+    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(rows))
+
+
+@pytest.mark.parametrize(
+    "metric,predictions,labels,expected",
+    [
+        ("accuracy", [1, 0, 1, 1], [1, 1, 1, 0], 0.5),
+        ("matthews_correlation", [1, 0, 1, 0], [1, 0, 1, 0], 1.0),
+        ("matthews_correlation", [1, 1, 0, 0], [1, 0, 1, 0], 0.0),
+        ("matthews_correlation", [1, 1, 1, 0], [1, 1, 0, 0], 1 / math.sqrt(3)),
+        ("matthews_correlation", [1, 1, 1, 1], [1, 0, 1, 0], 0.0),
+        ("pearson", [0.1, 0.2, 0.3], [1.0, 2.0, 3.0], 1.0),
+        ("pearson", [0.3, 0.2, 0.1], [1.0, 2.0, 3.0], -1.0),
+    ],
+)
+def test_glue_metrics(metric, predictions, labels, expected):
+    import numpy as np
+
+    glue = load_example("glue")
+    assert glue.METRICS[metric](np.array(predictions), np.array(labels)) == pytest.approx(expected)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_ddp_torchrun_script_runs_two_cpu_processes(tmp_path):
+    script = os.path.join(EXAMPLES, "ddp_torchrun.sh")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    usage = subprocess.run(["bash", script], capture_output=True, text=True, env=env)
+    assert usage.returncode == 2 and "usage:" in usage.stderr
+
+    command = ["bash", script, "2", "--smoke", "--staged", "--max-steps", "2", "--save-steps", "2", "--block-size",
+               "48", "--output", str(tmp_path)]
+    # A session of its own, so that a hang is cleaned up with every worker torchrun started.
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)
+    try:
+        stdout, stderr = launcher.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        stdout, stderr = launcher.communicate()
+        pytest.fail("torchrun did not finish in 180 s:\n" + stdout[-3000:] + stderr[-3000:])
+    assert launcher.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert stdout.count("train loss") == 1  # printed by rank 0 only
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
