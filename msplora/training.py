@@ -148,7 +148,17 @@ class MSPLoraTrainer(Trainer):
     """A ``Trainer`` whose checkpoints (and ``save_model``) hold the MSPLoRA adapter only: ``adapter_config.json``
     and ``adapter_model.safetensors`` with every shared tensor once, beside the optimizer, scheduler, RNG and
     trainer state the ``Trainer`` writes. ``train(resume_from_checkpoint=...)`` and ``load_best_model_at_end``
-    load the adapter back into the model."""
+    load the adapter back into the model. Under FSDP (``TrainingArguments(fsdp=...)``) it refuses to start:
+    its adapter files are written from whole tensors, which FSDP holds sharded."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.is_fsdp_enabled:
+            raise ValueError(
+                "MSPLoraTrainer does not support FSDP: its adapter checkpoints are written from whole tensors, "
+                "which FSDP keeps sharded. Train with DDP, or shard with torch.distributed.fsdp.fully_shard "
+                "(decoder layers, then the root) in your own training loop"
+            )
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
