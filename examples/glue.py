@@ -115,9 +115,9 @@ def load_glue(name: str, task: Task, tokenizer, limit: Optional[int]) -> Tuple[l
 
     def encode(split) -> list:
         rows = split.select(range(min(limit, len(split)))) if limit else split
-        texts = [rows[key] for key in task.text_keys]
+        texts = [list(rows[key]) for key in task.text_keys]  # datasets >= 4 returns lazy columns, not lists
         encoded = tokenizer(*texts, truncation=True, max_length=task.max_length)
-        return [{"input_ids": ids, "label": label} for ids, label in zip(encoded["input_ids"], rows["label"])]
+        return [{"input_ids": ids, "label": label} for ids, label in zip(encoded["input_ids"], list(rows["label"]))]
 
     return encode(splits["train"]), encode(splits["validation"])
 

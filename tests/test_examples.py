@@ -1,6 +1,7 @@
 """The examples run offline end to end (``--smoke``: tiny random models, generated data, the real code path):
 the Trainer fine-tune with staged training, checkpoints, resume and PEFT export; the GLUE comparison with
-its table and exact trainable-parameter counts; and the torchrun launcher on 2 CPU processes."""
+its table and exact trainable-parameter counts, and its real-data path with stand-ins for ``datasets`` and the
+Hub; and the torchrun launcher on 2 CPU processes."""
 import importlib.util
 import json
 import math
@@ -132,3 +133,76 @@ def test_ddp_torchrun_script_runs_two_cpu_processes(tmp_path):
     assert launcher.returncode == 0, stdout[-3000:] + stderr[-3000:]
     assert stdout.count("train loss") == 1  # printed by rank 0 only
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+class _LazyColumn:
+    """Like a ``datasets`` 4 column: iterable, but not a list."""
+
+    def __init__(self, values):
+        self._values = values
+
+    def __iter__(self):
+        return iter(self._values)
+
+
+class _FakeSplit:
+    def __init__(self, columns):
+        self.columns = columns
+
+    def __len__(self):
+        return len(next(iter(self.columns.values())))
+
+    def select(self, indices):
+        indices = list(indices)
+        return _FakeSplit({k: [v[i] for i in indices] for k, v in self.columns.items()})
+
+    def __getitem__(self, key):
+        return _LazyColumn(self.columns[key])
+
+
+def test_glue_real_data_path_with_a_stand_in_for_datasets(tmp_path, monkeypatch):
+    """The non-smoke path (GLUE rows -> tokenizer pairs -> Trainer), with ``datasets`` and the Hub replaced by
+    local stand-ins: a word-level tokenizer and two MRPC-like splits."""
+    import types
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    glue = load_example("glue")
+    words = "the cat dog sat ran on a mat log fast slow".split()
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>")
+
+    g = torch.Generator().manual_seed(0)
+
+    def sentence():
+        length = int(torch.randint(3, 9, (), generator=g))
+        return " ".join(words[int(i)] for i in torch.randint(0, len(words), (length,), generator=g))
+
+    def split(n):
+        return _FakeSplit({"sentence1": [sentence() for _ in range(n)], "sentence2": [sentence() for _ in range(n)],
+                           "label": [int(i) for i in torch.randint(0, 2, (n,), generator=g)]})
+
+    requested = []
+
+    def load_dataset(path, name):
+        requested.append((path, name))
+        return {"train": split(40), "validation": split(12)}
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    smoke_model = glue.load_model_and_tokenizer
+    monkeypatch.setattr(glue, "load_model_and_tokenizer",
+                        lambda args, task: (smoke_model(glue.parse_args(["--smoke"]), task)[0], tokenizer))
+
+    rows = glue.main(["--tasks", "mrpc", "--methods", "msplora", "--epochs", "1", "--max-train-samples", "24",
+                      "--output", str(tmp_path)])
+    assert requested == [("nyu-mll/glue", "mrpc")]
+    assert rows[0]["task"] == "mrpc" and rows[0]["metric"] == "accuracy" and 0.0 <= rows[0]["score"] <= 1.0
+    steps = math.ceil(24 / glue.TASKS["mrpc"].batch_size)  # one epoch of 24 examples at the paper's batch size
+    checkpoint = tmp_path / "mrpc" / "msplora" / f"checkpoint-{steps}"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == steps
