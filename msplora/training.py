@@ -134,8 +134,11 @@ class StagedTrainingCallback(TrainerCallback):
         if args.parallel_mode != ParallelMode.DISTRIBUTED:
             return
         find_unused = args.ddp_find_unused_parameters
-        if find_unused is None:  # the Trainer's own default
-            find_unused = not (getattr(model, "is_gradient_checkpointing", False)
+        if find_unused is None:  # the Trainer's own default: on unless activation checkpointing is
+            checkpointing = getattr(model, "is_activation_checkpointing", None)
+            if checkpointing is None:  # transformers < 5
+                checkpointing = getattr(model, "is_gradient_checkpointing", False)
+            find_unused = not (checkpointing or getattr(args, "activation_checkpointing", False)
                                or getattr(args, "gradient_checkpointing", False))
         if not find_unused:
             raise ValueError(
