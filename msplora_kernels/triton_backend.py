@@ -68,6 +68,14 @@ def uses_fused_path(m: int, n: int, k: int, device: torch.device, dtype: torch.d
     return tuning.prefer_fused(m, n, k, device, dtype, forced=_forced["path"])
 
 
+def _check_device(device: torch.device) -> None:
+    if device.type != "cuda" and not dispatch.triton_interpreted():
+        raise RuntimeError(
+            f"triton backend: tensors are on {device}; the kernels run on CUDA tensors, or on CPU tensors "
+            "only under the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported)"
+        )
+
+
 def _check_tensors(**tensors: Optional[torch.Tensor]) -> None:
     present = {name: t for name, t in tensors.items() if t is not None}
     first_name, first = next(iter(present.items()))
@@ -78,11 +86,7 @@ def _check_tensors(**tensors: Optional[torch.Tensor]) -> None:
             raise RuntimeError(f"triton backend: {first_name} is {first.dtype} but {name} is {t.dtype}")
     if first.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"triton backend: dtype {first.dtype} is not supported (use one of {_SUPPORTED_DTYPES})")
-    if first.device.type != "cuda" and not dispatch.triton_interpreted():
-        raise RuntimeError(
-            f"triton backend: tensors are on {first.device}; the kernels run on CUDA tensors, or on CPU tensors "
-            "only under the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported)"
-        )
+    _check_device(first.device)
 
 
 def _check_branches(ranks: Sequence[int]) -> None:
@@ -325,11 +329,12 @@ def dropout_masks(seed: int, n_branches: int, m: int, k: int, p: float, device: 
     """The keep-masks the kernels draw for ``seed``: (n_branches, M, K) booleans (for tests)."""
     if n_branches > MAX_BRANCHES:
         raise ValueError(f"triton backend: at most {MAX_BRANCHES} branches, got {n_branches}")
+    device = torch.device(device)
+    _check_device(device)
     keep = torch.empty((n_branches, m, k), dtype=torch.int8, device=device)
     if keep.numel() == 0:
         return keep.bool()
-    _check_tensors(keep=keep.float())
-    config = tuning.low_rank_config(torch.device(device), torch.float16)
+    config = tuning.low_rank_config(device, torch.float16)
     grid = (triton.cdiv(m, config.block_m), triton.cdiv(k, config.block_k), n_branches)
     kernels._dropout_mask_kernel[grid](
         keep, m, k, seed, _threshold(p), BLOCK_M=config.block_m, BLOCK_K=config.block_k,
