@@ -128,6 +128,17 @@ def adapter_values(model):
     return {k: p.detach().clone() for k, p in adapter_parameters(model).items()}
 
 
+class StopAfter(tf.TrainerCallback):
+    """Interrupts training after a given optimizer step (once that step's checkpoint is written)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
 def test_checkpoints_hold_the_adapter_once_and_training_resumes_to_the_same_result(tmp_path):
     args = dict(max_steps=6, save_strategy="steps", save_steps=3)
     full = tiny_llama()
@@ -135,8 +146,9 @@ def test_checkpoints_hold_the_adapter_once_and_training_resumes_to_the_same_resu
                    callbacks=[StagedTrainingCallback()]).train()
 
     interrupted = tiny_llama()
-    MSPLoraTrainer(model=interrupted, args=training_args(tmp_path / "resumed", **dict(args, max_steps=6)),
-                   train_dataset=TokenDataset(), callbacks=[StagedTrainingCallback()]).train()
+    MSPLoraTrainer(model=interrupted, args=training_args(tmp_path / "resumed", **args), train_dataset=TokenDataset(),
+                   callbacks=[StagedTrainingCallback(), StopAfter(3)]).train()
+    assert sorted(os.listdir(tmp_path / "resumed")) == ["checkpoint-3"]
     checkpoint = tmp_path / "resumed" / "checkpoint-3"
     files = set(os.listdir(checkpoint))
     assert {"adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "trainer_state.json"} <= files
