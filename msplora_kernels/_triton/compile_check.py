@@ -26,7 +26,7 @@ from .. import dispatch, triton_backend
 from . import kernels, tuning
 
 _KERNELS = ["_matmul_lowrank_kernel", "_shrink_kernel", "_lowrank_grad_a_kernel", "_dropout_mask_kernel"]
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 _TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
                torch.int8: "i8", torch.int32: "i32", torch.int64: "i64"}
 _LAUNCH_OPTIONS = ("num_warps", "num_stages")
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=9, help="compute capability major (9: Hopper, 8: Ampere) "
                         "or the full number (90, 80)")
-    parser.add_argument("--dtypes", default="bf16", help="comma-separated: bf16, fp16, fp32")
+    parser.add_argument("--dtypes", default="bf16", help="comma-separated: bf16, fp16, fp32, fp64")
     parser.add_argument("--ranks", default="8,4,2", help="semicolon-separated rank sets, e.g. '8,4,2;64,32,16'")
     args = parser.parse_args(argv)
     if dispatch.triton_interpreted():
