@@ -216,7 +216,7 @@ def _shrink(x: torch.Tensor, a_scaled: torch.Tensor, ranks: Sequence[int], p: fl
     m, k = x.shape
     total_rank = a_scaled.shape[0]
     s = torch.empty((m, total_rank), device=x.device, dtype=x.dtype)
-    config = tuning.low_rank_config(x.device, x.dtype)
+    config = tuning.low_rank_config(x.device, x.dtype, masked=p > 0.0)
     block_r, rank_tiles = _rank_tiles(total_rank, config)
     grid = (triton.cdiv(m, config.block_m) * rank_tiles,)
     kernels._shrink_kernel[grid](
@@ -235,7 +235,7 @@ def _grad_a(
 ) -> torch.Tensor:
     m, k = x.shape
     total_rank = ds.shape[1]
-    config = tuning.low_rank_config(x.device, x.dtype)
+    config = tuning.low_rank_config(x.device, x.dtype, masked=p > 0.0)
     block_r, rank_tiles = _rank_tiles(total_rank, config)
     splits = tuning.reduction_splits(m, x.device)
     partial = torch.empty((splits, total_rank, k), device=x.device, dtype=_accumulator(x.dtype))
@@ -272,13 +272,12 @@ def forward(
     a_scaled = _scaled_rows(a_cat, ranks, _branch_coefficients(ranks, scalings, p))
     s = _shrink(x, a_scaled, ranks, p, seed)
     low_rank = (s, b_cat.t())
-    config = tuning.matmul_config(x.device, x.dtype)
     if uses_fused_path(m, n, k, x.device, x.dtype):
         y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-        _launch_matmul(y, x, weight.t(), config, bias=bias, low_rank=low_rank)
+        _launch_matmul(y, x, weight.t(), tuning.matmul_config(x.device, x.dtype), bias=bias, low_rank=low_rank)
     else:
         y = torch.nn.functional.linear(x, weight, bias)
-        _launch_matmul(y, None, None, config, low_rank=low_rank, accumulate=True)
+        _launch_matmul(y, None, None, tuning.epilogue_only_config(x.device), low_rank=low_rank, accumulate=True)
     return y, s
 
 
@@ -314,13 +313,14 @@ def backward(
     if need_dx:
         low_rank = (ds, _scaled_rows(a_cat, ranks, coefs))
         masked = (list(ranks), p, seed) if p > 0.0 else None
-        config = tuning.matmul_config(x.device, x.dtype)
         dx = torch.empty((m, k), device=x.device, dtype=x.dtype)
         if uses_fused_path(m, n, k, x.device, x.dtype):
+            config = tuning.matmul_config(x.device, x.dtype, masked=masked is not None)
             _launch_matmul(dx, dy, weight, config, low_rank=low_rank, masked=masked)
         else:
             torch.mm(dy, weight, out=dx)
-            _launch_matmul(dx, None, None, config, low_rank=low_rank, masked=masked, accumulate=True)
+            _launch_matmul(dx, None, None, tuning.epilogue_only_config(x.device), low_rank=low_rank, masked=masked,
+                           accumulate=True)
     da = _grad_a(ds, x, ranks, coefs, p, seed)
     return dx, da, db
 
@@ -334,7 +334,7 @@ def dropout_masks(seed: int, n_branches: int, m: int, k: int, p: float, device: 
     keep = torch.empty((n_branches, m, k), dtype=torch.int8, device=device)
     if keep.numel() == 0:
         return keep.bool()
-    config = tuning.low_rank_config(device, torch.float16)
+    config = tuning.low_rank_config(device, torch.float16, masked=True)
     grid = (triton.cdiv(m, config.block_m), triton.cdiv(k, config.block_k), n_branches)
     kernels._dropout_mask_kernel[grid](
         keep, m, k, seed, _threshold(p), BLOCK_M=config.block_m, BLOCK_K=config.block_k,

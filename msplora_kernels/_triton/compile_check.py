@@ -4,8 +4,9 @@ The interpreter that tests the kernels on the CPU never compiles them, so errors
 (non-constexpr globals, type rules, shared memory beyond the chip) would only show on the GPU. This runs
 the backend's forward and backward on empty CPU tensors with every launch intercepted, then compiles each
 distinct launch (kernel, argument types, constexprs, warps, stages) with ``triton.compile`` for the target,
-with the launch table of that architecture. It prints one line per kernel variant: shared memory, and
-whether Hopper's warp-group MMA and asynchronous (pipelined) copies were used.
+with the launch table of that architecture. It prints one line per kernel variant: shared memory, registers
+and spilled bytes per thread (STACK), and whether Hopper's warp-group MMA and asynchronous (pipelined)
+copies were used.
 
     TRITON_INTERPRET=0 python -m msplora_kernels._triton.compile_check --arch 90 --dtypes bf16,fp16,fp32
 """
@@ -13,7 +14,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from typing import Dict, Iterator, List, Tuple
 
@@ -96,6 +100,20 @@ def _signature(fn, args, meta) -> Tuple[Dict[str, str], Dict[str, object], Dict[
     return signature, constexprs, attrs
 
 
+def _registers(cubin: bytes) -> str:
+    """'REG:n STACK:bytes' of a cubin, by the cuobjdump Triton ships (empty if it is missing)."""
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(cuobjdump):
+        return ""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.cubin")
+        with open(path, "wb") as file:
+            file.write(cubin)
+        usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
+    fields = [f for line in usage.splitlines() if "REG:" in line for f in line.split() if f.startswith(("REG", "STACK"))]
+    return " ".join(fields)
+
+
 def compile_launches(arch: int, dtypes: List[torch.dtype], rank_sets: List[Tuple[int, ...]]) -> int:
     """Compile each distinct recorded launch for ``sm_<arch>0``; returns how many were compiled.
 
@@ -127,6 +145,7 @@ def compile_launches(arch: int, dtypes: List[torch.dtype], rank_sets: List[Tuple
         pipelined = "async_copy_global_to_local" in ttgir or "async_tma" in ttgir
         types = ",".join(sorted({t for t in signature.values() if t.startswith("*")}))
         print(f"{fn.__name__:26s} {types:22s} {str(options):36s} shared={compiled.metadata.shared:6d} B "
+              f"{_registers(compiled.asm['cubin']):18s} "
               f"wgmma={wgmma!s:5s} async={pipelined!s:5s} {time.time() - started:4.1f}s "
               f"{ {k: v for k, v in constexprs.items() if k.isupper() and k not in ('DOT_PRECISION', 'ACC_DTYPE')} }", flush=True)
         limit = _SHARED_LIMIT.get(arch)

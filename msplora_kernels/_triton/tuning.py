@@ -60,6 +60,28 @@ _MATMUL_32BIT = {
     8: MatmulConfig(64, 64, 32, 8, 4, 3),
     None: MatmulConfig(64, 64, 16, 8, 4, 2),
 }
+# With dropout, each tile also holds four Philox words per element: tiles of fewer elements per thread keep
+# those kernels from spilling registers (``python -m msplora_kernels._triton.compile_check`` prints registers
+# and spills per variant).
+_MATMUL_16BIT_MASKED = {
+    "interpreter": MatmulConfig(32, 32, 32, 2, 1, 1, 32),
+    9: MatmulConfig(128, 64, 64, 8, 8, 4),
+    8: MatmulConfig(128, 64, 32, 8, 8, 4),
+    None: MatmulConfig(64, 64, 32, 8, 4, 3),
+}
+_MATMUL_32BIT_MASKED = {
+    "interpreter": MatmulConfig(32, 32, 32, 2, 1, 1, 32),
+    9: MatmulConfig(128, 64, 32, 8, 8, 3),
+    8: MatmulConfig(64, 64, 32, 8, 4, 3),
+    None: MatmulConfig(64, 64, 16, 8, 4, 2),
+}
+# The unfused path's epilogue-only launch (y += S B^T, dx += masked dS A): no main loop to feed.
+_EPILOGUE_ONLY = {
+    "interpreter": MatmulConfig(32, 32, 32, 1, 1, 1, 32),
+    9: MatmulConfig(64, 64, 64, 8, 8, 1),
+    8: MatmulConfig(64, 64, 64, 8, 8, 1),
+    None: MatmulConfig(64, 64, 32, 8, 4, 1),
+}
 _LOW_RANK_16BIT = {
     "interpreter": LowRankConfig(32, 32, 32, 1, 1),
     9: LowRankConfig(64, 128, 128, 4, 3),
@@ -73,6 +95,12 @@ _LOW_RANK_32BIT = {
     None: LowRankConfig(32, 32, 64, 4, 2),
 }
 # Narrow outputs (dS: M x R, dB: N x R) are GEMMs whose output width is the rank tile (block_n: its maximum).
+_LOW_RANK_MASKED = {
+    "interpreter": LowRankConfig(32, 32, 32, 1, 1),
+    9: LowRankConfig(64, 64, 128, 8, 3),
+    8: LowRankConfig(64, 64, 64, 8, 3),
+    None: LowRankConfig(32, 32, 64, 4, 2),
+}
 _NARROW_MATMUL = {
     "interpreter": MatmulConfig(32, 32, 32, 1, 1, 1, 32),
     9: MatmulConfig(64, 128, 128, 8, 4, 3),
@@ -97,9 +125,15 @@ def _lookup(table: dict, device: torch.device):
     return table.get(arch, table[None])
 
 
-def matmul_config(device: torch.device, dtype: torch.dtype) -> MatmulConfig:
-    table = _MATMUL_16BIT if dtype in (torch.float16, torch.bfloat16) else _MATMUL_32BIT
-    return _lookup(table, device)
+def matmul_config(device: torch.device, dtype: torch.dtype, masked: bool = False) -> MatmulConfig:
+    """The main GEMM's tiles; ``masked``: its epilogue draws dropout masks (the fused dx)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return _lookup(_MATMUL_16BIT_MASKED if masked else _MATMUL_16BIT, device)
+    return _lookup(_MATMUL_32BIT_MASKED if masked else _MATMUL_32BIT, device)
+
+
+def epilogue_only_config(device: torch.device) -> MatmulConfig:
+    return _lookup(_EPILOGUE_ONLY, device)
 
 
 def narrow_matmul_config(device: torch.device, width: int) -> MatmulConfig:
@@ -110,7 +144,10 @@ def narrow_matmul_config(device: torch.device, width: int) -> MatmulConfig:
                         base.max_block_r)
 
 
-def low_rank_config(device: torch.device, dtype: torch.dtype) -> LowRankConfig:
+def low_rank_config(device: torch.device, dtype: torch.dtype, masked: bool = False) -> LowRankConfig:
+    """Tiles of the shrink and dA kernels; ``masked``: they draw dropout masks."""
+    if masked:
+        return _lookup(_LOW_RANK_MASKED, device)
     table = _LOW_RANK_16BIT if dtype in (torch.float16, torch.bfloat16) else _LOW_RANK_32BIT
     return _lookup(table, device)
 
