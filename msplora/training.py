@@ -156,7 +156,7 @@ class MSPLoraTrainer(Trainer):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if self.is_fsdp_enabled:
+        if self.is_fsdp_enabled or self.args.fsdp:  # args too: a second Trainer shares the first one's state
             raise ValueError(
                 "MSPLoraTrainer does not support FSDP: its adapter checkpoints are written from whole tensors, "
                 "which FSDP keeps sharded. Train with DDP, or shard with torch.distributed.fsdp.fully_shard "

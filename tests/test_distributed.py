@@ -1,7 +1,7 @@
 """Data-parallel training on 2 CPU processes (gloo): DDP and FSDP2 (``fully_shard``, decoder layers then the
 root) give the same gradients and adapter values as one process on the same global batch, across staged
 training's stage boundaries; all ranks end with identical adapters. The Hugging Face ``Trainer`` under DDP
-runs ``StagedTrainingCallback`` with frozen scales left bit-identical. Sharding the bank on its own is refused
+runs ``StagedTrainingCallback`` with frozen scales left bit-identical; ``MSPLoraTrainer`` refuses FSDP. Sharding the bank on its own is refused
 with an error that says what to do."""
 import os
 import socket
@@ -185,6 +185,10 @@ def _trainer_with_stages(rank, output_dir):
                          train_dataset=_TokenDataset(), callbacks=[msplora.StagedTrainingCallback()])
     with pytest.raises(ValueError, match="needs ddp_find_unused_parameters=True"):
         refused.train()
+
+    with pytest.raises(ValueError, match="MSPLoraTrainer does not support FSDP"):
+        msplora.MSPLoraTrainer(model=tiny_llama(), args=tf.TrainingArguments(**args, fsdp=True),
+                               train_dataset=_TokenDataset())
 
 
 def test_trainer_under_ddp_trains_in_stages(tmp_path):
