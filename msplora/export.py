@@ -19,7 +19,7 @@ import json
 import os
 import re
 from collections import Counter
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -37,7 +37,7 @@ HEAD_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS")
 PEFT_HEAD_NAMES = ("classifier", "score")
 
 
-def peft_lora_weights(model: nn.Module) -> Dict[str, torch.Tensor]:
+def peft_lora_weights(model: nn.Module) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
     """Each adapted layer's (A, B) as one LoRA: ``{module name: (A (R, in), B (out, R) with scalings folded in)}``,
     computed in fp32."""
     out = {}
