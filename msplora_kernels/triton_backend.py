@@ -303,7 +303,7 @@ def backward(
         return dx, torch.zeros_like(a_cat), torch.zeros_like(b_cat)
     coefs = _branch_coefficients(ranks, scalings, p)
     width = a_cat.shape[0]
-    narrow = tuning.narrow_matmul_config(x.device, width)
+    narrow = tuning.narrow_matmul_config(x.device, x.dtype, width)
 
     ds = torch.empty((m, width), device=x.device, dtype=x.dtype)
     _launch_matmul(ds, dy, b_cat, narrow)

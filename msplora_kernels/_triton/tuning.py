@@ -88,29 +88,42 @@ _LOW_RANK_16BIT = {
     8: LowRankConfig(64, 64, 128, 4, 3),
     None: LowRankConfig(32, 64, 64, 4, 2),
 }
+# fp32 products run on FMA units with operands in registers (no TF32 unless allowed): smaller steps.
 _LOW_RANK_32BIT = {
     "interpreter": LowRankConfig(32, 32, 32, 1, 1),
-    9: LowRankConfig(64, 64, 128, 4, 3),
+    9: LowRankConfig(64, 32, 64, 4, 3),
     8: LowRankConfig(64, 32, 64, 4, 3),
     None: LowRankConfig(32, 32, 64, 4, 2),
 }
 # Narrow outputs (dS: M x R, dB: N x R) are GEMMs whose output width is the rank tile (block_n: its maximum).
-_LOW_RANK_MASKED = {
+_LOW_RANK_MASKED_16BIT = {
     "interpreter": LowRankConfig(32, 32, 32, 1, 1),
     9: LowRankConfig(64, 64, 128, 8, 3),
     8: LowRankConfig(64, 64, 64, 8, 3),
     None: LowRankConfig(32, 32, 64, 4, 2),
 }
-_NARROW_MATMUL = {
+_LOW_RANK_MASKED_32BIT = {
+    "interpreter": LowRankConfig(32, 32, 32, 1, 1),
+    9: LowRankConfig(64, 32, 64, 8, 3),
+    8: LowRankConfig(64, 32, 64, 8, 3),
+    None: LowRankConfig(32, 32, 64, 4, 2),
+}
+_NARROW_MATMUL_16BIT = {
     "interpreter": MatmulConfig(32, 32, 32, 1, 1, 1, 32),
     9: MatmulConfig(64, 128, 128, 8, 4, 3),
     8: MatmulConfig(64, 128, 64, 8, 4, 3),
     None: MatmulConfig(32, 64, 32, 8, 4, 2),
 }
+_NARROW_MATMUL_32BIT = {
+    "interpreter": MatmulConfig(32, 32, 32, 1, 1, 1, 32),
+    9: MatmulConfig(64, 64, 32, 8, 4, 3),
+    8: MatmulConfig(64, 64, 32, 8, 4, 3),
+    None: MatmulConfig(32, 64, 32, 8, 4, 2),
+}
 # Reductions over M (dA, dB) are split into at most this many slices, summed in a second pass, so that
 # a long M still fills the GPU without atomics (bit-identical results run to run).
 _MAX_SPLIT = {"interpreter": 2, 9: 16, 8: 16, None: 8}
-_ROWS_PER_SPLIT = {"interpreter": 32, 9: 1024, 8: 1024, None: 1024}
+_ROWS_PER_SPLIT = {"interpreter": 16, 9: 1024, 8: 1024, None: 1024}  # the tests' 37 rows: 2 slices
 
 
 def _arch(device: torch.device):
@@ -136,9 +149,9 @@ def epilogue_only_config(device: torch.device) -> MatmulConfig:
     return _lookup(_EPILOGUE_ONLY, device)
 
 
-def narrow_matmul_config(device: torch.device, width: int) -> MatmulConfig:
+def narrow_matmul_config(device: torch.device, dtype: torch.dtype, width: int) -> MatmulConfig:
     """Config for a GEMM with ``width`` (<= a few hundred) output columns: the column tile covers them."""
-    base = _lookup(_NARROW_MATMUL, device)
+    base = _lookup(_NARROW_MATMUL_16BIT if dtype in (torch.float16, torch.bfloat16) else _NARROW_MATMUL_32BIT, device)
     block_n = rank_block(width, base.block_n)
     return MatmulConfig(base.block_m, block_n, base.block_k, base.group_m, base.num_warps, base.num_stages,
                         base.max_block_r)
@@ -146,10 +159,9 @@ def narrow_matmul_config(device: torch.device, width: int) -> MatmulConfig:
 
 def low_rank_config(device: torch.device, dtype: torch.dtype, masked: bool = False) -> LowRankConfig:
     """Tiles of the shrink and dA kernels; ``masked``: they draw dropout masks."""
-    if masked:
-        return _lookup(_LOW_RANK_MASKED, device)
-    table = _LOW_RANK_16BIT if dtype in (torch.float16, torch.bfloat16) else _LOW_RANK_32BIT
-    return _lookup(table, device)
+    if dtype in (torch.float16, torch.bfloat16):
+        return _lookup(_LOW_RANK_MASKED_16BIT if masked else _LOW_RANK_16BIT, device)
+    return _lookup(_LOW_RANK_MASKED_32BIT if masked else _LOW_RANK_32BIT, device)
 
 
 def rank_block(rank: int, max_block: int) -> int:
