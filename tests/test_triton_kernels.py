@@ -180,6 +180,23 @@ def test_linear_alone_matches_f_linear():
         assert_error_ratio(got, torch.nn.functional.linear(to(x, dtype), to(weight, dtype), to(b, dtype)), want64, "y")
 
 
+def test_saves_only_x_and_the_low_rank_activation():
+    """Autograd keeps x (M x K), S (M x R) and the seed: no mask or dropped copy of x."""
+    x, weight, b, branches = make_problem(64, K, N, (8, 4, 2), dtype=torch.float32)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    leaves = [(to(a, torch.float32).requires_grad_(), to(bb, torch.float32), c) for a, bb, c in branches]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        msplora_linear(to(x, torch.float32), to(weight, torch.float32), to(b, torch.float32), leaves,
+                       dropout_p=0.1, training=True, backend="triton")
+    activations = sorted(tuple(t.shape) for t in saved if t.dim() == 2 and t.shape[0] == 64)
+    assert activations == [(64, 14), (64, K)], activations
+
+
 def test_gradients_are_bit_identical_run_to_run():
     x, weight, b, branches = make_problem(M, K, N, (8, 4, 2))
     dy = torch.randn(M, N, dtype=torch.float64)
