@@ -1,6 +1,7 @@
 """Data-parallel training on 2 CPU processes (gloo): DDP and FSDP2 (``fully_shard``, decoder layers then the
 root) give the same gradients and adapter values as one process on the same global batch, across staged
-training's stage boundaries; all ranks end with identical adapters. The Hugging Face ``Trainer`` under DDP
+training's stage boundaries; all ranks end with identical adapters; FSDP2 with bf16 parameters stays within
+bf16 error. The Hugging Face ``Trainer`` under DDP
 runs ``StagedTrainingCallback`` with frozen scales left bit-identical; ``MSPLoraTrainer`` refuses FSDP. Sharding the bank on its own is refused
 with an error that says what to do."""
 import os
@@ -136,13 +137,39 @@ def _shard_the_bank(rank):
         model(input_ids=ids)
 
 
+def _fsdp2_bf16_gradients(rank):
+    """FSDP2 with bf16 parameters (fp32 reduction) against fp32 on one process, judged by the error of one
+    process under bf16 autocast: FSDP2 also runs norms and the head in bf16, hence a ratio of 4, not 2."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    exact, autocast, model = tiny_llama(), tiny_llama(), tiny_llama()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    ids = global_batch(0)
+    local = ids[rank * PER_RANK:(rank + 1) * PER_RANK]
+    model(input_ids=local, labels=local).loss.backward()
+    exact(input_ids=ids, labels=ids).loss.backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast(input_ids=ids, labels=ids).loss.backward()
+    expected, in_bf16 = adapter_parameters(exact), adapter_parameters(autocast)
+    for key, p in adapter_parameters(model).items():
+        reference = expected[key].grad
+        error = (full(p.grad) - reference).norm() / reference.norm()
+        autocast_error = (in_bf16[key].grad - reference).norm() / reference.norm()
+        assert error <= 4 * autocast_error + 2**-8, f"{key}: error {error:.4f}, autocast {autocast_error:.4f}"
+
+
 def _fsdp2_checks(rank):
     _train_against_one_process(rank, "fsdp2")
+    _fsdp2_bf16_gradients(rank)
     _shard_the_bank(rank)
 
 
 def test_fsdp2_matches_one_process_and_refuses_a_separately_sharded_bank():
-    """One pair of processes for both FSDP2 checks (each spawn costs seconds of imports)."""
+    """One pair of processes for all FSDP2 checks (each spawn costs seconds of imports): fp32 training across
+    stage boundaries, bf16 mixed-precision gradients, and the error for a separately sharded bank."""
     run_on_two_processes(_fsdp2_checks)
 
 
