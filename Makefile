@@ -13,5 +13,11 @@ install:
 test: install
 	$(PYTHON) -m pytest tests -q
 
+# The main job: LoRA (peft) vs MSPLoRA 8/4/2 on a tiny Llama and a shipped text, about 2 minutes on 2 CPU cores.
+# Pass flags with ARGS, e.g. `make demo ARGS="--steps 400 --model-size small"`; outputs go to ./msplora-demo.
+demo: install
+	$(PYTHON) -m msplora.demo $(ARGS)
+
+# The microbenchmark: the cpu preset here (about a minute on 2 cores); `make bench ARGS="--preset llama7b"` on a GPU.
 bench: install
-	$(PYTHON) -m benchmarks.run --preset cpu
+	$(PYTHON) -m benchmarks.run $(if $(ARGS),$(ARGS),--preset cpu) --out benchmarks/results

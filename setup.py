@@ -9,6 +9,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["msplora", "msplora.*", "msplora_kernels", "msplora_kernels.*", "benchmarks", "benchmarks.*"]),
+    package_data={"msplora": ["data/*.txt"]},  # the demo's text (Genesis, King James Version, public domain)
+    entry_points={"console_scripts": ["msplora-demo = msplora.demo:main"]},
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.4",

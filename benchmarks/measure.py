@@ -36,7 +36,7 @@ class Timing:
     samples: int
 
 
-def _clear_grads(tensors: Sequence[torch.Tensor]) -> None:
+def clear_grads(tensors: Sequence[torch.Tensor]) -> None:
     for t in tensors:
         t.grad = None
 
@@ -86,7 +86,7 @@ def time_interleaved(
         # At least ``warmup`` calls and 0.1 s: first calls pay for thread pools, allocator growth, lazy imports.
         elapsed: List[float] = []
         while len(elapsed) < max(1, warmup) or sum(elapsed) < 0.1:
-            _clear_grads(grads[name])
+            clear_grads(grads[name])
             started = time.perf_counter()
             runs[name]()
             elapsed.append(time.perf_counter() - started)
@@ -98,7 +98,7 @@ def time_interleaved(
         for name in names[shift:] + names[:shift]:
             total = 0.0
             for _ in range(inner[name]):
-                _clear_grads(grads[name])  # outside the timed call: gradient accumulation would add work
+                clear_grads(grads[name])  # outside the timed call: gradient accumulation would add work
                 started = time.perf_counter()
                 runs[name]()
                 total += time.perf_counter() - started
@@ -142,12 +142,12 @@ def peak_memory_mb(run: Callable[[], None], grads: Sequence[torch.Tensor], devic
     """Peak CUDA memory allocated by one call above what was allocated before it; ``None`` off CUDA."""
     if device.type != "cuda":
         return None
-    _clear_grads(grads)
+    clear_grads(grads)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
     run()
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - before
-    _clear_grads(grads)
+    clear_grads(grads)
     return peak / 2**20
