@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from .layer import is_conv1d
 from .model import _matches, get_bank, msplora_layers
+from .training import unwrap_model
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -68,7 +69,8 @@ def export_peft(
     then computes what the MSPLoRA model computes.
 
     Args:
-        model: a model prepared by :func:`msplora.apply_msplora` (not merged).
+        model: a model prepared by :func:`msplora.apply_msplora` (not merged), possibly wrapped by DDP or
+            ``torch.compile``.
         directory: where to write; created if needed.
         task_type: PEFT's task type (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...), or ``None`` for a plain ``PeftModel``.
             For ``SEQ_CLS``/``TOKEN_CLS`` the head (``classifier`` or ``score``) is written in full, as PEFT
@@ -80,6 +82,7 @@ def export_peft(
     """
     if task_type is not None and task_type not in PEFT_TASK_TYPES:
         raise ValueError(f"task_type must be one of {PEFT_TASK_TYPES} or None, got {task_type!r}")
+    model = unwrap_model(model)
     config = get_bank(model).config
     weights = peft_lora_weights(model)
     if not weights:

@@ -35,12 +35,14 @@ TRAINING_ARGS_NAME = "training_args.bin"
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside DDP/DataParallel/``torch.compile`` wrappers (each keeps it as ``.module`` or ``._orig_mod``)."""
+    """The model inside DDP/DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
     while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
             return model
-        model = inner
 
 
 class StagedTrainingCallback(TrainerCallback):

@@ -151,6 +151,16 @@ def test_msplora_with_only_the_layer_scale_is_peft_lora(model_name, rank, alpha)
     torch.testing.assert_close(logits(adapted, IDS), logits(lora, IDS), rtol=1e-5, atol=1e-5)
 
 
+def test_export_of_a_wrapped_model_is_the_export_of_the_model(tmp_path):
+    _, adapted = base_and_adapted("llama", ranks=(2, 1, 1))
+    msplora.export_peft(adapted, str(tmp_path / "plain"))
+    msplora.export_peft(torch.compile(adapted), str(tmp_path / "compiled"))  # wrapped, never run
+    from safetensors.torch import load_file
+
+    plain, wrapped = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("plain", "compiled"))
+    assert plain.keys() == wrapped.keys() and all(torch.equal(plain[k], wrapped[k]) for k in plain)
+
+
 def test_export_refuses_merged_models_and_bad_task_types(tmp_path):
     _, adapted = base_and_adapted("llama", ranks=(1, 1, 1))
     with pytest.raises(ValueError, match="task_type must be one of"):
