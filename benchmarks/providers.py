@@ -124,15 +124,20 @@ def _branches(case: Case, generator: torch.Generator):
     return out
 
 
-def make_inputs(case: Case, seed: int = 0) -> Tuple[torch.Tensor, nn.Linear]:
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(case.m, case.k, generator=generator).to(case.device, case.dtype).requires_grad_(True)
-    linear = nn.Linear(case.k, case.n, bias=True)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(linear.weight.shape, generator=generator) / case.k**0.5)
-        linear.bias.copy_(torch.randn(linear.bias.shape, generator=generator) * 0.1)
-    linear = linear.to(case.device, case.dtype).requires_grad_(False)
-    return x, linear
+def make_inputs(case: Case, seed: int = 0) -> Tuple[torch.Tensor, nn.Linear, torch.Tensor]:
+    """(x, the frozen linear, the output gradient dy), drawn on the case's device (Llama-sized tensors drawn
+    on the host would cost seconds per case)."""
+    generator = torch.Generator(device=case.device).manual_seed(seed)
+
+    def normal(*shape: int, std: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator, device=case.device) * std).to(case.dtype)
+
+    x = normal(case.m, case.k).requires_grad_(True)
+    with torch.device("meta"):
+        linear = nn.Linear(case.k, case.n, bias=True)
+    linear.weight = nn.Parameter(normal(case.n, case.k, std=case.k**-0.5), requires_grad=False)
+    linear.bias = nn.Parameter(normal(case.n, std=0.1), requires_grad=False)
+    return x, linear, normal(case.m, case.n)
 
 
 def build_provider(name: str, case: Case, x: torch.Tensor, linear: nn.Linear) -> Provider:

@@ -82,8 +82,9 @@ def markdown_table(rows: Sequence[Dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(result: Dict[str, object], out_dir: str, stem: str, notes: Sequence[str] = ()) -> Dict[str, str]:
-    """``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` in ``out_dir``; returns their paths."""
+def write_results(result: Dict[str, object], out_dir: str, stem: str, notes: Sequence[str] = (),
+                  with_plot: bool = True) -> Dict[str, str]:
+    """``<stem>.json``, ``<stem>.md`` and (``with_plot``) ``<stem>.png`` in ``out_dir``; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {ext: os.path.join(out_dir, f"{stem}.{ext}") for ext in ("json", "md", "png")}
     with open(paths["json"], "w") as f:
@@ -102,7 +103,8 @@ def write_results(result: Dict[str, object], out_dir: str, stem: str, notes: Seq
     header += [f"- {note}" for note in notes] + ([""] if notes else [])
     with open(paths["md"], "w") as f:
         f.write("\n".join(header) + markdown_table(result["rows"]) + "\n")
-    plot(result, paths["png"])
+    if with_plot:
+        plot(result, paths["png"])
     return paths
 
 

@@ -21,9 +21,8 @@ def test_layer(benchmark, case, provider, mode):
     available, notes = providers.available_providers([provider], case.device)
     if not available:
         pytest.skip(notes[0])
-    x, linear = providers.make_inputs(case)
+    x, linear, dy = providers.make_inputs(case)
     built = providers.build_provider(provider, case, x, linear)
-    dy = torch.randn(case.m, case.n, device=case.device, dtype=case.dtype)
     run = measure.mode_callable(built, mode, dy)
 
     def step() -> None:
@@ -40,7 +39,7 @@ def test_triton_gemm(benchmark):
     available, notes = providers.available_providers(["triton_gemm"], case.device)
     if not available:
         pytest.skip(notes[0])
-    x, linear = providers.make_inputs(case)
+    x, linear, _ = providers.make_inputs(case)
     built = providers.build_provider("triton_gemm", case, x, linear)
 
     def step() -> None:

@@ -64,7 +64,7 @@ def test_saved_activations_count_inputs_not_parameters(tiny_result):
 
 def test_providers_agree_with_the_reference_without_dropout():
     case = providers.Case(33, 20, 17, (3, 2, 1), 0.0, torch.float32, torch.device("cpu"))
-    x, linear = providers.make_inputs(case)
+    x, linear, _ = providers.make_inputs(case)
     built = {n: providers.build_provider(n, case, x, linear) for n in ("reference", "msplora")}
     assert providers.check_agreement(built, case) is None
     broken = providers.Provider("msplora", lambda: built["reference"].forward() * 1.01, [], [])
