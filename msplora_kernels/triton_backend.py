@@ -18,8 +18,8 @@ Backward, given dy (M, N):
 
 Reductions over M (dB, dA) are cut into a fixed number of slices written to an fp32 buffer and summed by
 ``torch.sum``: no atomics anywhere, so gradients are bit-identical run to run (whether or not
-``torch.are_deterministic_algorithms_enabled()``). Masks come from one Philox draw per element of x, keyed
-by ``seed`` and the element's offset, whose four words serve up to four branches (see ``_triton/kernels.py``);
+``torch.are_deterministic_algorithms_enabled()``). Masks come from one Philox draw per pair of elements of x,
+keyed by ``seed`` and the pair's offset, whose four words serve up to four branches (see ``_triton/kernels.py``);
 they are drawn three times per training step (shrink, dx, dA) and never stored. Saved for backward: x, S and
 the seed, as the contract asks.
 
@@ -45,7 +45,7 @@ from .torch_backend import _branch_coefficients, _scaled_rows
 PATHS = ("auto", "fused", "unfused")
 MAX_BRANCHES = 4  # one Philox draw gives four words: one mask per branch
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_MASK_BITS = 24  # the kernels compare the top 24 bits of each Philox draw with round(p * 2^24)
+_MASK_BITS = 16  # the kernels compare 16 random bits per element and branch with round(p * 2^16)
 _forced = {"path": "auto"}
 
 

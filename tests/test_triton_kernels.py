@@ -224,20 +224,21 @@ def test_dropout_masks_keep_rate_independence_and_reproducibility(p):
 def _keep_mask_at_kernel(keep_ptr, first_row, K, seed, threshold, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = first_row + tl.arange(0, BLOCK_M).to(tl.int64)
     cols = tl.arange(0, BLOCK_K)
-    w0, w1, w2, w3 = kernels._philox_words(seed, rows, cols, K)
+    w0, w1, w2, w3 = kernels._philox_words(seed, rows, 0, K, BLOCK_K // 2)
     keep = kernels._keeps(w0, w1, w2, w3, 0, threshold)
     tl.store(keep_ptr + tl.arange(0, BLOCK_M)[:, None] * BLOCK_K + cols[None, :], keep.to(tl.int8))
 
 
 def test_masks_beyond_2_to_the_31_elements_use_the_whole_64_bit_offset():
-    """Rows whose offsets m*K + k pass 2^31 and 2^32 get fresh draws, not those of offset mod 2^32."""
+    """Rows whose Philox counters (m*K + k) / 2 pass 2^31 and 2^32 get fresh draws, not those of the counter
+    mod 2^32."""
     k = 64
     def keep_at(first_row):
         out = torch.empty((32, k), dtype=torch.int8, device=DEVICE)
         _keep_mask_at_kernel[(1,)](out, first_row, k, 42, triton_backend._threshold(0.5), BLOCK_M=32, BLOCK_K=k)
         return out.bool()
-    wrap_rows = 2**32 // k
-    low, past_2_31, past_2_32 = keep_at(0), keep_at(2**31 // k), keep_at(wrap_rows)
+    pairs_per_row = k // 2
+    low, past_2_31, past_2_32 = keep_at(0), keep_at(2**31 // pairs_per_row), keep_at(2**32 // pairs_per_row)
     assert not torch.equal(low, past_2_32)  # offset 2^32 + j is not offset j
     for keep in (low, past_2_31, past_2_32):
         assert abs(keep.float().mean().item() - 0.5) < 0.1

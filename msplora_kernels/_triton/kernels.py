@@ -4,10 +4,11 @@ Notation: x (M, K), W (N, K), A = [A_1; ...; A_n] (R, K) with each branch's rows
 coefficient c_s = scaling_s / (1 - p) on the host, B = [B_1 | ... | B_n] (N, R), S (M, R), dy (M, N).
 Branch s owns the rank columns ``bounds[s]:bounds[s + 1]`` (``bounds`` is an int32 tensor of n + 1 entries).
 
-Dropout: one Philox4x32 draw per element x[m, k], at counter (m*K + k as two 32-bit words, 0, 0) under the
-32-bit ``seed``, gives four 32-bit words; branch s (n <= 4) keeps the element when the top 24 bits of word s
-are >= round(p * 2^24). So every kernel that touches an element draws once for all branches. Masks live in
-registers only (``_dropout_mask_kernel`` writes them out, for tests).
+Dropout: one Philox4x32 draw per pair of elements x[m, 2j], x[m, 2j + 1], at counter (m*ceil(K/2) + j as two
+32-bit words, 0, 0) under the 32-bit ``seed``, gives four 32-bit words; branch s (n <= 4) keeps x[m, 2j]
+when the low 16 bits of word s are >= round(p * 2^16), and x[m, 2j + 1] by the high 16 bits. So every
+kernel that touches an element draws once for all branches, and one draw serves two elements. Masks live
+in registers only (``_dropout_mask_kernel`` writes them out, for tests).
 
 Kernels (all accumulate in fp32, fp64 for fp64 inputs, and store in the output's dtype):
 
@@ -30,9 +31,11 @@ _PHILOX_ROUNDS = tl.constexpr(7)
 
 
 @triton.jit
-def _philox_words(seed, rows, cols, row_len):
-    """Four random uint32 blocks for elements (rows[i], cols[j]) of an x with ``row_len`` columns."""
-    offsets = rows.to(tl.int64)[:, None] * row_len + cols.to(tl.int64)[None, :]
+def _philox_words(seed, rows, first_col, row_len, HALF_COLS: tl.constexpr):
+    """Four random uint32 blocks (len(rows), HALF_COLS) for the column pairs of x from ``first_col`` (even)
+    on: entry [i, j] belongs to elements (rows[i], first_col + 2j) and (rows[i], first_col + 2j + 1)."""
+    pairs = first_col // 2 + tl.arange(0, HALF_COLS)
+    offsets = rows.to(tl.int64)[:, None] * ((row_len + 1) // 2) + pairs.to(tl.int64)[None, :]
     low = offsets.to(tl.uint32)
     high = (offsets >> 32).to(tl.uint32)
     zero = low * 0
@@ -41,9 +44,11 @@ def _philox_words(seed, rows, cols, row_len):
 
 @triton.jit
 def _keeps(w0, w1, w2, w3, branch, threshold):
-    """Branch ``branch``'s keep-mask from the four Philox words (``branch`` constexpr or a runtime scalar)."""
+    """Branch ``branch``'s keep-mask (len(rows), 2 * HALF_COLS) from the four words of ``_philox_words``."""
     bits = tl.where(branch == 0, w0, tl.where(branch == 1, w1, tl.where(branch == 2, w2, w3)))
-    return (bits >> 8).to(tl.int32) >= threshold
+    even = (bits & 0xFFFF).to(tl.int32)
+    odd = (bits >> 16).to(tl.int32)
+    return tl.interleave(even, odd) >= threshold
 
 
 @triton.jit
@@ -129,7 +134,7 @@ def _matmul_lowrank_kernel(
                 stride_lm, stride_lr, stride_ur, stride_un, BLOCK_R, DOT_PRECISION,
             )
         else:
-            w0, w1, w2, w3 = _philox_words(seed, rm, rn, N)
+            w0, w1, w2, w3 = _philox_words(seed, rm, pid_n * BLOCK_N, N, BLOCK_N // 2)
             for branch in tl.static_range(MASKED_BRANCHES):
                 r_lo = tl.load(bounds_ptr + branch)
                 r_hi = tl.load(bounds_ptr + branch + 1)
@@ -178,7 +183,7 @@ def _shrink_kernel(
         if MASKED_BRANCHES == 0:
             acc = tl.dot(x_tile, a_tile, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         else:
-            w0, w1, w2, w3 = _philox_words(seed, rm, k0 + rk, K)
+            w0, w1, w2, w3 = _philox_words(seed, rm, k0, K, BLOCK_K // 2)
             for branch in tl.static_range(MASKED_BRANCHES):
                 in_branch = (rr >= tl.load(bounds_ptr + branch)) & (rr < tl.load(bounds_ptr + branch + 1))
                 acc = tl.dot(
@@ -224,7 +229,7 @@ def _lowrank_grad_a_kernel(
         if MASKED_BRANCHES == 0:
             acc = tl.dot(ds_tile, x_tile, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         else:
-            w0, w1, w2, w3 = _philox_words(seed, m0 + rows, rk, K)
+            w0, w1, w2, w3 = _philox_words(seed, m0 + rows, tl.program_id(1) * BLOCK_K, K, BLOCK_K // 2)
             for branch in tl.static_range(MASKED_BRANCHES):
                 in_branch = (rr >= tl.load(bounds_ptr + branch)) & (rr < tl.load(bounds_ptr + branch + 1))
                 acc = tl.dot(
@@ -249,7 +254,7 @@ def _dropout_mask_kernel(
     branch = tl.program_id(2)
     rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    w0, w1, w2, w3 = _philox_words(seed, rm, rk, K)
+    w0, w1, w2, w3 = _philox_words(seed, rm, tl.program_id(1) * BLOCK_K, K, BLOCK_K // 2)
     keep = _keeps(w0, w1, w2, w3, branch, threshold)
     offsets = branch.to(tl.int64) * M * K + rm[:, None] * K + rk[None, :]
     tl.store(keep_ptr + offsets, keep.to(tl.int8), mask=(rm < M)[:, None] & (rk < K)[None, :])
