@@ -14,7 +14,7 @@ test: install
 	$(PYTHON) -m pytest tests -q
 
 # The main job: LoRA (peft) vs MSPLoRA 8/4/2 on a tiny Llama and a shipped text, about 2 minutes on 2 CPU cores.
-# Pass flags with ARGS, e.g. `make demo ARGS="--steps 400 --model-size small"`; outputs go to ./msplora-demo.
+# Pass flags with ARGS, e.g. `make demo ARGS="--steps 400 --model-size small"`; outputs go to ./demo_out.
 demo: install
 	$(PYTHON) -m msplora.demo $(ARGS)
 

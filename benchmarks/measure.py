@@ -34,6 +34,7 @@ class Timing:
     q20_ms: float
     q80_ms: float
     samples: int
+    min_ms: Optional[float] = None  # CPU: the least-disturbed sample, a useful second view on a shared machine
 
 
 def clear_grads(tensors: Sequence[torch.Tensor]) -> None:
@@ -104,7 +105,8 @@ def time_interleaved(
                 total += time.perf_counter() - started
             samples[name].append(1000 * total / inner[name])
     return {
-        name: Timing(statistics.median(values), _quantile(values, 0.2), _quantile(values, 0.8), len(values))
+        name: Timing(statistics.median(values), _quantile(values, 0.2), _quantile(values, 0.8), len(values),
+                     min(values))
         for name, values in samples.items()
     }
 

@@ -93,7 +93,9 @@ def write_results(result: Dict[str, object], out_dir: str, stem: str, notes: Seq
         f"# MSPLoRA microbenchmark: {result['device']}",
         "",
         f"commit `{result['commit']}`{' (with uncommitted changes)' if result.get('dirty') else ''}, {result['date']}, "
-        f"torch {result['torch']}, dtype {result['dtype']}, timer: {result['timer']}.",
+        f"torch {result['torch']}, dtype {result['dtype']}, timer: {result['timer']}."
+        + (f" Load average (1/5/15 min) at start: {result['load_average_at_start']}."
+           if result.get("load_average_at_start") else ""),
         "",
         "x bare: time / time of the frozen linear alone; speedup vs reference: time of the seed's three-branch "
         "formulation / time; saved MB: activations autograd keeps for backward (x included, parameters not); "

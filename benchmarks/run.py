@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import signal
 import sys
 import time
@@ -175,7 +176,7 @@ def run_case(case: providers.Case, names: Sequence[str], modes: Sequence[str], t
                 "shape": [case.m, case.k, case.n], "ranks": list(case.ranks), "dropout": case.dropout, "mode": mode,
                 "provider": name, "median_ms": timing.median_ms, "q20_ms": timing.q20_ms, "q80_ms": timing.q80_ms,
                 "peak_mem_mb": measure.peak_memory_mb(runs[name], grads[name], case.device),
-                "saved_mb": saved[name], "samples": timing.samples,
+                "saved_mb": saved[name], "samples": timing.samples, "min_ms": timing.min_ms,
             })
         del runs
     if case.device.type == "cuda":
@@ -186,14 +187,25 @@ def run_case(case: providers.Case, names: Sequence[str], modes: Sequence[str], t
 def _summary(rows: Sequence[Dict[str, object]]) -> List[str]:
     """One line per case: msplora's fwd+bwd speedup over the reference and overhead over bare."""
     lines = []
+    by_key = {(tuple(r["shape"]), tuple(r["ranks"]), r["dropout"], r["mode"], r["provider"]): r for r in rows}
     for row in rows:
         if row["provider"] == "msplora" and row["mode"] == "fwd+bwd" and row.get("speedup_vs_reference"):
-            lines.append(
-                f"msplora fwd+bwd {','.join(map(str, row['shape']))} r{'/'.join(map(str, row['ranks']))} "
-                f"p={row['dropout']:g}: {row['speedup_vs_reference']:.2f}x faster than reference, "
-                f"{row['vs_bare']:.2f}x the bare linear"
-            )
+            line = (f"msplora fwd+bwd {','.join(map(str, row['shape']))} r{'/'.join(map(str, row['ranks']))} "
+                    f"p={row['dropout']:g}: {row['speedup_vs_reference']:.2f}x faster than reference (medians), "
+                    f"{row['vs_bare']:.2f}x the bare linear")
+            reference = by_key.get((tuple(row["shape"]), tuple(row["ranks"]), row["dropout"], "fwd+bwd", "reference"))
+            if row.get("min_ms") and reference and reference.get("min_ms"):
+                line += f"; {reference['min_ms'] / row['min_ms']:.2f}x by the fastest samples"
+            lines.append(line)
     return lines
+
+
+def _load_average() -> Optional[List[float]]:
+    """1, 5 and 15 minute load averages: on a shared machine, how busy it was while we timed."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _raise_interrupt(signum, frame) -> None:
@@ -219,6 +231,7 @@ def run_benchmarks(args: argparse.Namespace) -> Dict[str, object]:
         "torch": torch.__version__,
         "dtype": dtype_name,
         "timer": timer_text,
+        "load_average_at_start": _load_average(),
         "rows": rows,
     }
     stem = f"{time.strftime('%Y-%m-%d', time.gmtime())}-{report.device_slug(device)}"
@@ -245,6 +258,7 @@ def run_benchmarks(args: argparse.Namespace) -> Dict[str, object]:
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
     report.add_ratios(rows)
+    result["load_average_at_end"] = _load_average()
     paths = report.write_results(result, args.out, stem, notes)
     print()
     print(report.markdown_table(rows))

@@ -411,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ranks", type=parse_ranks, default=(8, 4, 2),
                         help="MSPLoRA ranks global,mid,layer; plain LoRA uses the global rank (default: 8,4,2)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
-    parser.add_argument("--out", default="msplora-demo", help="output folder (default: ./msplora-demo)")
+    parser.add_argument("--out", default="demo_out", help="output folder (default: ./demo_out)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the base model, adapters, batches (default: 0)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: 8)")
     parser.add_argument("--seq-len", type=int, default=128, help="bytes per sequence (default: 128)")
