@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -66,6 +66,11 @@ def forced_path(path: str) -> Iterator[None]:
 def uses_fused_path(m: int, n: int, k: int, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether a call with these sizes runs the fused GEMM under the current ``forced_path``."""
     return tuning.prefer_fused(m, n, k, device, dtype, forced=_forced["path"])
+
+
+def _on(device: torch.device):
+    """Launch on ``device``: Triton launches on the current CUDA device, which may not be the tensors'."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _check_device(device: torch.device) -> None:
@@ -172,18 +177,20 @@ def _launch_matmul(
     stride_cs = out.stride(0) if out.dim() == 3 else 0
     stride_cm, stride_cn = out.stride()[-2:]
     grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), splits)
-    kernels._matmul_lowrank_kernel[grid](
-        lhs, rhs, out, bias if bias is not None else out, l_mat, u_mat, bounds,
-        m, n, k, rank, seed, threshold,
-        stride_pm, stride_pk, stride_qk, stride_qn, stride_cs, stride_cm, stride_cn,
-        stride_lm, stride_lr, stride_ur, stride_un,
-        HAS_BIAS=bias is not None, HAS_LOW_RANK=low_rank is not None, MASKED_BRANCHES=n_masked,
-        ACCUMULATE=accumulate, SPLIT_K=splits,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        BLOCK_R=tuning.rank_block(widest, config.max_block_r),
-        GROUP_M=config.group_m, DOT_PRECISION=_dot_precision(operand.dtype), ACC_DTYPE=_acc_constexpr(operand.dtype),
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    with _on(out.device):
+        kernels._matmul_lowrank_kernel[grid](
+            lhs, rhs, out, bias if bias is not None else out, l_mat, u_mat, bounds,
+            m, n, k, rank, seed, threshold,
+            stride_pm, stride_pk, stride_qk, stride_qn, stride_cs, stride_cm, stride_cn,
+            stride_lm, stride_lr, stride_ur, stride_un,
+            HAS_BIAS=bias is not None, HAS_LOW_RANK=low_rank is not None, MASKED_BRANCHES=n_masked,
+            ACCUMULATE=accumulate, SPLIT_K=splits,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            BLOCK_R=tuning.rank_block(widest, config.max_block_r),
+            GROUP_M=config.group_m,
+            DOT_PRECISION=_dot_precision(operand.dtype), ACC_DTYPE=_acc_constexpr(operand.dtype),
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
 
 
 def linear(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -219,14 +226,15 @@ def _shrink(x: torch.Tensor, a_scaled: torch.Tensor, ranks: Sequence[int], p: fl
     config = tuning.low_rank_config(x.device, x.dtype, masked=p > 0.0)
     block_r, rank_tiles = _rank_tiles(total_rank, config)
     grid = (triton.cdiv(m, config.block_m) * rank_tiles,)
-    kernels._shrink_kernel[grid](
-        x, a_scaled, s, _rank_bounds(tuple(ranks), x.device), m, k, total_rank, seed, _threshold(p),
-        *x.stride(), *a_scaled.stride(), *s.stride(),
-        MASKED_BRANCHES=len(ranks) if p > 0.0 else 0, RANK_TILES=rank_tiles,
-        BLOCK_M=config.block_m, BLOCK_R=block_r, BLOCK_K=config.block_k,
-        DOT_PRECISION=_dot_precision(x.dtype), ACC_DTYPE=_acc_constexpr(x.dtype),
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    with _on(x.device):
+        kernels._shrink_kernel[grid](
+            x, a_scaled, s, _rank_bounds(tuple(ranks), x.device), m, k, total_rank, seed, _threshold(p),
+            *x.stride(), *a_scaled.stride(), *s.stride(),
+            MASKED_BRANCHES=len(ranks) if p > 0.0 else 0, RANK_TILES=rank_tiles,
+            BLOCK_M=config.block_m, BLOCK_R=block_r, BLOCK_K=config.block_k,
+            DOT_PRECISION=_dot_precision(x.dtype), ACC_DTYPE=_acc_constexpr(x.dtype),
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
     return s
 
 
@@ -240,14 +248,15 @@ def _grad_a(
     splits = tuning.reduction_splits(m, x.device)
     partial = torch.empty((splits, total_rank, k), device=x.device, dtype=_accumulator(x.dtype))
     grid = (rank_tiles, triton.cdiv(k, config.block_k), splits)
-    kernels._lowrank_grad_a_kernel[grid](
-        ds, x, partial, _rank_bounds(tuple(ranks), x.device), m, k, total_rank, seed, _threshold(p),
-        *ds.stride(), *x.stride(), *partial.stride(),
-        MASKED_BRANCHES=len(ranks) if p > 0.0 else 0, SPLIT_M=splits,
-        BLOCK_M=config.block_m, BLOCK_R=block_r, BLOCK_K=config.block_k,
-        DOT_PRECISION=_dot_precision(x.dtype), ACC_DTYPE=_acc_constexpr(x.dtype),
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    with _on(x.device):
+        kernels._lowrank_grad_a_kernel[grid](
+            ds, x, partial, _rank_bounds(tuple(ranks), x.device), m, k, total_rank, seed, _threshold(p),
+            *ds.stride(), *x.stride(), *partial.stride(),
+            MASKED_BRANCHES=len(ranks) if p > 0.0 else 0, SPLIT_M=splits,
+            BLOCK_M=config.block_m, BLOCK_R=block_r, BLOCK_K=config.block_k,
+            DOT_PRECISION=_dot_precision(x.dtype), ACC_DTYPE=_acc_constexpr(x.dtype),
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
     da = partial.sum(0) if splits > 1 else partial[0]
     return _scaled_rows(da, ranks, coefs).to(x.dtype)
 
@@ -336,8 +345,9 @@ def dropout_masks(seed: int, n_branches: int, m: int, k: int, p: float, device: 
         return keep.bool()
     config = tuning.low_rank_config(device, torch.float16, masked=True)
     grid = (triton.cdiv(m, config.block_m), triton.cdiv(k, config.block_k), n_branches)
-    kernels._dropout_mask_kernel[grid](
-        keep, m, k, seed, _threshold(p), BLOCK_M=config.block_m, BLOCK_K=config.block_k,
-        num_warps=config.num_warps,
-    )
+    with _on(device):
+        kernels._dropout_mask_kernel[grid](
+            keep, m, k, seed, _threshold(p), BLOCK_M=config.block_m, BLOCK_K=config.block_k,
+            num_warps=config.num_warps,
+        )
     return keep.bool()

@@ -260,9 +260,13 @@ def test_inverted_dropout_in_training_and_identity_in_eval():
 
 def test_same_torch_seed_gives_the_same_masks_and_the_reference_agrees():
     x, weight, b, branches = make_problem(M, K, N, (8, 4, 2), dtype=torch.float32)
-    leaves = [(to(a, torch.float32).requires_grad_(), to(bb, torch.float32).requires_grad_(), c) for a, bb, c in branches]
+    leaves = [(to(a, torch.float32).requires_grad_(), to(bb, torch.float32).requires_grad_(), c)
+              for a, bb, c in branches]
     xt = to(x, torch.float32).requires_grad_()
-    run = lambda: msplora_linear(xt, to(weight, torch.float32), to(b, torch.float32), leaves, 0.3, True, "triton")  # noqa: E731
+
+    def run():
+        return msplora_linear(xt, to(weight, torch.float32), to(b, torch.float32), leaves, 0.3, True, "triton")
+
     torch.manual_seed(11)
     seed = int(torch.randint(2**31 - 1, (), dtype=torch.int64))  # what msplora_linear draws
     torch.manual_seed(11)

@@ -34,6 +34,7 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
 _TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
                torch.int8: "i8", torch.int32: "i32", torch.int64: "i64"}
 _LAUNCH_OPTIONS = ("num_warps", "num_stages")
+_QUIET_CONSTEXPRS = ("DOT_PRECISION", "ACC_DTYPE")  # implied by the argument types printed
 # Shared memory one block may use: H100/H200 (sm_90) and A100 (sm_80; sm_86/89 have less, 99 KiB).
 _SHARED_LIMIT = {9: 232448, 8: 166912}
 
@@ -110,7 +111,8 @@ def _registers(cubin: bytes) -> str:
         with open(path, "wb") as file:
             file.write(cubin)
         usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
-    fields = [f for line in usage.splitlines() if "REG:" in line for f in line.split() if f.startswith(("REG", "STACK"))]
+    fields = [field for line in usage.splitlines() if "REG:" in line
+              for field in line.split() if field.startswith(("REG", "STACK"))]
     return " ".join(fields)
 
 
@@ -147,7 +149,7 @@ def compile_launches(arch: int, dtypes: List[torch.dtype], rank_sets: List[Tuple
         print(f"{fn.__name__:26s} {types:22s} {str(options):36s} shared={compiled.metadata.shared:6d} B "
               f"{_registers(compiled.asm['cubin']):18s} "
               f"wgmma={wgmma!s:5s} async={pipelined!s:5s} {time.time() - started:4.1f}s "
-              f"{ {k: v for k, v in constexprs.items() if k.isupper() and k not in ('DOT_PRECISION', 'ACC_DTYPE')} }", flush=True)
+              f"{ {k: v for k, v in constexprs.items() if k.isupper() and k not in _QUIET_CONSTEXPRS} }", flush=True)
         limit = _SHARED_LIMIT.get(arch)
         if limit is not None and compiled.metadata.shared > limit:
             raise RuntimeError(f"{fn.__name__} needs {compiled.metadata.shared} B of shared memory; sm_{arch}0 "
