@@ -327,6 +327,18 @@ def test_auto_path_rule_and_forced_paths():
             pass
 
 
+def test_environment_variable_selects_the_triton_kernels(monkeypatch):
+    calls = []
+    forward = triton_backend.forward
+    monkeypatch.setattr(triton_backend, "forward", lambda *args: calls.append(1) or forward(*args))
+    monkeypatch.setenv("MSPLORA_BACKEND", "triton")
+    x, weight, b, branches = make_problem(M, K, N, (8, 4, 2), dtype=torch.float32)
+    y = msplora_linear(to(x, torch.float32), to(weight, torch.float32), to(b, torch.float32),
+                       [(to(a, torch.float32), to(bb, torch.float32), c) for a, bb, c in branches])
+    assert calls == [1]
+    torch.testing.assert_close(y.cpu(), msplora_linear_ref(x, weight, b, branches), rtol=1e-4, atol=1e-4)
+
+
 def test_cpu_tensors_outside_the_interpreter_are_refused_clearly(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
