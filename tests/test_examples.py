@@ -93,6 +93,12 @@ def test_glue_smoke_compares_lora_and_msplora_with_exact_parameter_counts(tmp_pa
     assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(rows))
 
 
+def test_glue_smoke_with_staged_msplora_on_cola(tmp_path):
+    glue = load_example("glue")
+    (row,) = glue.main(["--smoke", "--tasks", "cola", "--methods", "msplora", "--staged", "--output", str(tmp_path)])
+    assert row["metric"] == "matthews_correlation" and -1.0 <= row["score"] <= 1.0
+
+
 @pytest.mark.parametrize(
     "metric,predictions,labels,expected",
     [
