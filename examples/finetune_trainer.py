@@ -6,9 +6,11 @@ The model is loaded with ``from_pretrained`` (``--model``), MSPLoRA is applied t
 mid, then layer scales). At the end the adapter is saved in ``OUTPUT/adapter`` and, with ``--export-peft``,
 as a standard PEFT LoRA adapter in ``OUTPUT/peft-lora``.
 
-Data: ``--text-file`` (plain text, cut into blocks of ``--block-size`` tokens) or ``--dataset`` (a Hugging
-Face dataset name, e.g. ``yahma/alpaca-cleaned``; needs ``pip install datasets``). ``--smoke`` runs offline:
-a tiny random Llama whose tokens are bytes, on generated text, through the same code path.
+Data: ``--text-file`` (plain text) or ``--dataset`` (a Hugging Face dataset name, e.g.
+``yahma/alpaca-cleaned`` in the Alpaca prompt format; needs ``pip install datasets``). Texts are packed:
+joined with EOS and cut into blocks of ``--block-size`` tokens, the loss on every token (the paper's
+instruction tuning pads each example to 256 tokens instead). ``--smoke`` runs offline: a tiny random Llama
+whose tokens are bytes, on generated text, through the same code path.
 
     python examples/finetune_trainer.py --model meta-llama/Llama-2-7b-hf --dataset yahma/alpaca-cleaned \\
         --ranks 64 32 16 --bf16 --batch-size 4 --grad-accum 32 --epochs 3 --lr 3e-4 --output runs/alpaca
