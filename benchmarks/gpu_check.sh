@@ -33,9 +33,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log, remember a
     [ "$rc" -eq 0 ] || status=1
 }
 
-step "GPU-only tests" 140 python -m pytest tests/test_triton_cuda.py -q -rs --durations=10
-step "benchmark" 170 python -m benchmarks.run --preset llama7b --out "$RESULTS"
-step "kernel tests on CUDA" 90 python -m pytest tests/test_triton_kernels.py -q -rs --durations=5
+step "GPU-only tests" 120 python -m pytest tests/test_triton_cuda.py -q -rs --durations=10
+step "benchmark" 190 python -m benchmarks.run --preset llama7b --out "$RESULTS"
+step "kernel tests on CUDA" 100 python -m pytest tests/test_triton_kernels.py -q -rs --durations=5
 
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT"
