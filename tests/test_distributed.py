@@ -1,9 +1,10 @@
 """Data-parallel training on 2 CPU processes (gloo): DDP and FSDP2 (``fully_shard``, decoder layers then the
 root) give the same gradients and adapter values as one process on the same global batch, across staged
 training's stage boundaries; all ranks end with identical adapters; FSDP2 with bf16 parameters stays within
-bf16 error. The Hugging Face ``Trainer`` under DDP
-runs ``StagedTrainingCallback`` with frozen scales left bit-identical; ``MSPLoraTrainer`` refuses FSDP. Sharding the bank on its own is refused
-with an error that says what to do."""
+bf16 error. The Hugging Face ``Trainer`` under DDP runs ``StagedTrainingCallback`` with frozen scales left
+bit-identical, and ``MSPLoraTrainer`` refuses FSDP. Sharding the bank on its own is refused with an error that
+says what to do."""
+import datetime
 import os
 import socket
 
@@ -22,6 +23,7 @@ VOCAB = 53
 PER_RANK = 2
 # The scales trained at each step: crosses the global -> mid and mid -> layer boundaries after wrapping.
 SCHEDULE = (["global"], ["global"], ["mid"], ["layer"])
+COLLECTIVE_TIMEOUT_S = 120
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -55,7 +57,9 @@ def _entry(rank, fn, port, args, init_group):
                       WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
     if init_group:
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+        # A collective that waits longer than this fails instead of hanging the test run.
+        timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+        dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timeout)
     try:
         fn(rank, *args)
     finally:
@@ -193,7 +197,7 @@ class _TokenDataset(torch.utils.data.Dataset):
 def _trainer_with_stages(rank, output_dir):
     args = dict(output_dir=output_dir, use_cpu=True, per_device_train_batch_size=PER_RANK, max_steps=3,
                 learning_rate=1e-2, weight_decay=0.1, lr_scheduler_type="constant", save_strategy="no",
-                report_to=[], disable_tqdm=True, seed=3)
+                report_to=[], disable_tqdm=True, seed=3, ddp_timeout=COLLECTIVE_TIMEOUT_S)
     model = tiny_llama()
     start = {k: p.detach().clone() for k, p in adapter_parameters(model).items()}
     snapshots = _Snapshots()
