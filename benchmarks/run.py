@@ -37,7 +37,7 @@ PRESETS: Dict[str, Dict[str, object]] = {
         "dropouts": [0.0, 0.05],
         "dtype": {"cpu": "fp32", "cuda": "bf16"},
         "cpu_timer": (1, 5),
-        "cuda_timer": (10, 40),  # 24 cases x 3 modes x 7 providers must fit in about 3 minutes on an H200
+        "cuda_timer": (5, 25),  # 24 cases x 3 modes x 7 providers must fit in about 3 minutes on an H200
     },
 }
 

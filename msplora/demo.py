@@ -304,7 +304,9 @@ def reload_check(spec: RunSpec) -> Dict[str, float]:
     if spec.method == "lora":
         from peft import PeftModel
 
-        reloaded = PeftModel.from_pretrained(fresh, spec.adapter_dir).eval()
+        with warnings.catch_warnings():  # deprecation notices from peft/transformers internals
+            warnings.simplefilter("ignore", FutureWarning)
+            reloaded = PeftModel.from_pretrained(fresh, spec.adapter_dir).eval()
     else:
         import msplora
 
@@ -330,7 +332,7 @@ def _fmt_float(value: Optional[float], digits: int) -> str:
 def results_table(results: Sequence[Dict[str, object]], device: str) -> str:
     """A Markdown table (it also reads well in a terminal)."""
     header = ("method", "global", "mid", "layer", "trainable", "train loss", "held-out loss", "step ms", "peak MB",
-              "reload max|diff|")
+              "reload max diff")
     rows = [header, tuple("---" for _ in header)]
     for r in results:
         p = r["params"]
