@@ -30,7 +30,8 @@ def device_description(device: torch.device) -> str:
 
 
 def device_slug(device: torch.device) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    """``nvidia-h200``; ``cpu-2threads`` (CPU timings depend on the thread count as much as on the chip)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu {torch.get_num_threads()}threads"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or device.type
 
 

@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder for <date>-<device>.json/.md/.png (default: ./benchmark-results)")
     parser.add_argument("--warmup", type=int, help="CPU: warm-up calls per provider; CUDA: do_bench warmup ms")
     parser.add_argument("--repeats", type=int, help="CPU: interleaved timing rounds; CUDA: do_bench rep ms")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for torch (default: torch's choice, one per core); 1 is steadier on a "
+                        "machine that other jobs share")
     parser.add_argument("--param-table", action="store_true",
                         help="print the LoRA vs MSPLoRA parameter counts of RoBERTa-base and LLaMA-2-7B (meta "
                         "device); alone, it runs no timing")
@@ -214,6 +217,10 @@ def _raise_interrupt(signum, frame) -> None:
 
 def run_benchmarks(args: argparse.Namespace) -> Dict[str, object]:
     device = resolve_device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     cases, timer, dtype_name = plan(args, device)
     names, notes = providers.available_providers(args.providers, device)
     for note in notes:

@@ -18,7 +18,7 @@ def tiny_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     args = run.build_parser().parse_args([
         "--shape", "64,32,48", "--ranks", "4,2,1", "--dropout", "0", "--dropout", "0.1", "--device", "cpu",
-        "--warmup", "1", "--repeats", "2", "--out", str(out),
+        "--warmup", "1", "--repeats", "2", "--threads", str(torch.get_num_threads()), "--out", str(out),
     ])
     return run.run_benchmarks(args), out
 
@@ -27,7 +27,7 @@ def test_writes_json_markdown_and_plot_in_the_results_format(tiny_result):
     result, out = tiny_result
     files = sorted(os.listdir(out))
     stems = {os.path.splitext(f)[0] for f in files}
-    assert len(stems) == 1 and stems.pop().endswith("-cpu")
+    assert len(stems) == 1 and stems.pop().endswith(f"-cpu-{torch.get_num_threads()}threads")
     assert {os.path.splitext(f)[1] for f in files} == {".json", ".md", ".png"}
     with open(out / [f for f in files if f.endswith(".json")][0]) as f:
         stored = json.load(f)
