@@ -95,11 +95,12 @@ def _check_tensors(**tensors: Optional[torch.Tensor]) -> None:
 
 
 def _check_branches(ranks: Sequence[int]) -> None:
-    if not 1 <= len(ranks) <= MAX_BRANCHES or min(ranks) < 1:
+    if not 1 <= len(ranks) <= MAX_BRANCHES:
         raise ValueError(
-            f"triton backend: expected 1 to {MAX_BRANCHES} branches of rank >= 1, got ranks {list(ranks)}; "
-            "use backend='torch' for more branches"
+            f"triton backend: expected 1 to {MAX_BRANCHES} branches, got {len(ranks)}; use backend='torch' for more"
         )
+    if min(ranks) < 1:
+        raise ValueError(f"triton backend: every branch passed needs rank >= 1, got ranks {list(ranks)}")
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

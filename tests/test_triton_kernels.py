@@ -371,6 +371,8 @@ def test_mixed_devices_and_dtypes_are_refused_clearly():
     five = torch.randn(5, 4, device=DEVICE)
     with pytest.raises(ValueError, match="expected 1 to 4 branches"):
         triton_backend.forward(x, five, None, five, torch.randn(5, 5, device=DEVICE), [1] * 5, [1.0] * 5, 0.1, 0)
+    with pytest.raises(ValueError, match="rank >= 1"):
+        triton_backend.forward(x, five, None, five, torch.randn(5, 5, device=DEVICE), [5, 0], [1.0] * 2, 0.1, 0)
 
 
 # ---- a whole model ----------------------------------------------------------------------------------------

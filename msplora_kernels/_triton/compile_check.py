@@ -168,7 +168,8 @@ def main(argv=None) -> int:
         parser.error("run with TRITON_INTERPRET=0: the interpreter does not compile")
     arch = args.arch // 10 if args.arch >= 10 else args.arch
     dtypes = [_DTYPES[name] for name in args.dtypes.split(",")]
-    rank_sets = [tuple(int(r) for r in group.split(",")) for group in args.ranks.split(";")]
+    # Disabled scales (rank 0) are never passed to the backend.
+    rank_sets = [tuple(int(r) for r in group.split(",") if int(r)) for group in args.ranks.split(";")]
     count = compile_launches(arch, dtypes, rank_sets)
     print(f"compiled {count} kernel variants for sm_{arch}0 with triton {triton.__version__}")
     return 0
