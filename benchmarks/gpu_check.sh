@@ -14,6 +14,7 @@ unset TRITON_INTERPRET
 RESULTS=benchmarks/results
 mkdir -p "$RESULTS"
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+STARTED=$(mktemp)  # a timestamp: results written after it belong to this run
 status=0
 
 {
@@ -37,9 +38,9 @@ step "GPU-only tests" 120 python -m pytest tests/test_triton_cuda.py -q -rs --du
 step "benchmark" 190 python -m benchmarks.run --preset llama7b --out "$RESULTS"
 step "kernel tests on CUDA" 100 python -m pytest tests/test_triton_kernels.py -q -rs --durations=5
 
-if [ -n "${OUT:-}" ]; then
+if [ -n "${OUT:-}" ]; then  # only this run's files: the device tool brings back at most 8
     mkdir -p "$OUT"
-    cp -r "$RESULTS"/. "$OUT"/
+    find "$RESULTS" -maxdepth 1 -type f -newer "$STARTED" -exec cp {} "$OUT"/ \;
 fi
 echo "gpu_check: $([ $status -eq 0 ] && echo PASSED || echo FAILED)" | tee -a "$RESULTS/gpu-check-$STAMP.log"
 exit $status
