@@ -144,7 +144,7 @@ def plot(result: Dict[str, object], path: str) -> None:
                            fontsize=7)
         ax.grid(axis="y", alpha=0.3)
     axes[0, 0].legend(ncol=min(len(providers), 4), fontsize=8)
-    axes[0, 0].set_title(f"MSPLoRA linear layer, {result['device']}, {result['dtype']}, {result['date']}")
+    axes[0, 0].set_title(f"MSPLoRA linear layer, {result['device']}, {result['dtype']}, {result['date']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
