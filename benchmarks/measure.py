@@ -121,7 +121,7 @@ def time_cuda(run: Callable[[], None], grads: Sequence[torch.Tensor], warmup_ms:
     return Timing(median, q20, q80, 0)
 
 
-def saved_activation_mb(provider: Provider, mode: str) -> Optional[float]:
+def saved_activation_mb(provider: Provider) -> Optional[float]:
     """MB that autograd saves for backward in one forward (``None`` for forward-only providers)."""
     if provider.forward_only:
         return None

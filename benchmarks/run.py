@@ -164,7 +164,7 @@ def run_case(case: providers.Case, names: Sequence[str], modes: Sequence[str], t
     x, linear, dy = providers.make_inputs(case)
     built = {name: providers.build_provider(name, case, x, linear) for name in names}
     problem = providers.check_agreement(built, case)
-    saved = {name: measure.saved_activation_mb(p, "fwd") for name, p in built.items()}
+    saved = {name: measure.saved_activation_mb(p) for name, p in built.items()}
     rows = []
     for mode in modes:
         active = {n: p for n, p in built.items() if mode == "fwd" or not p.forward_only}
