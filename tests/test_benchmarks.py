@@ -119,3 +119,26 @@ def test_runs_as_a_module_from_another_folder(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "LLaMA-2-7B" in done.stdout and "RoBERTa-base" in done.stdout
     assert not os.listdir(tmp_path)  # the table alone runs no timing and writes nothing
+
+
+def test_an_interrupted_run_writes_what_it_measured(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_case(case, names, modes, timer):
+        if calls:
+            raise KeyboardInterrupt  # what SIGTERM from a time limit turns into
+        calls.append(case)
+        row = {"shape": [case.m, case.k, case.n], "ranks": list(case.ranks), "dropout": case.dropout, "mode": "fwd",
+               "provider": "bare", "median_ms": 1.0, "q20_ms": 1.0, "q80_ms": 1.0, "peak_mem_mb": None,
+               "saved_mb": 0.0, "samples": 1, "min_ms": 1.0}
+        return [row], None
+
+    monkeypatch.setattr(run, "run_case", fake_case)
+    args = run.build_parser().parse_args(["--shape", "8,8,8", "--dropout", "0", "--dropout", "0.1", "--device", "cpu",
+                                          "--providers", "bare", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as stopped:
+        run.run_benchmarks(args)
+    assert stopped.value.code == 130
+    stored = json.load(open(next(tmp_path.glob("*.json"))))
+    assert len(stored["rows"]) == 1
+    assert "interrupted after 1 of 2 cases" in next(tmp_path.glob("*.md")).read_text()
