@@ -191,9 +191,9 @@ class PeakMemory:
 
     def start(self) -> None:
         if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start_bytes = torch.cuda.memory_allocated()
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_bytes = torch.cuda.memory_allocated(self.device)
             return
         try:
             with open("/proc/self/clear_refs", "w") as f:
@@ -206,8 +206,8 @@ class PeakMemory:
         if self.start_bytes is None:
             return None
         if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            return (torch.cuda.max_memory_allocated() - self.start_bytes) / 2**20
+            torch.cuda.synchronize(self.device)
+            return (torch.cuda.max_memory_allocated(self.device) - self.start_bytes) / 2**20
         return (self._status_kb("VmHWM") * 1024 - self.start_bytes) / 2**20
 
 
@@ -250,7 +250,7 @@ def train_one(spec: RunSpec) -> Dict[str, object]:
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         if cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(spec.device)
         step_times.append(time.perf_counter() - started)
         losses.append(loss.item())
         if step % spec.eval_every == 0 or step == spec.steps:
