@@ -15,6 +15,7 @@ import math
 import multiprocessing
 import os
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -435,6 +436,16 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def _git_commit() -> str:
+    """The short commit of the checkout this file lives in, or ``unknown`` (an installed copy, no git)."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.strip() or "unknown"
+
+
 def run_demo(args: argparse.Namespace) -> Dict[str, object]:
     """Both runs, the reload checks, the table, the plot and ``results.json``; returns what it wrote."""
     if args.steps < 1:
@@ -469,6 +480,7 @@ def run_demo(args: argparse.Namespace) -> Dict[str, object]:
     plot_losses(results, plot_path, f"{args.model_size} Llama, Genesis (KJV), {args.steps} steps, {device}")
     summary = {
         "device": device,
+        "commit": _git_commit(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in common.items() if k != "out"},
         "results": results,

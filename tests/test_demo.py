@@ -36,6 +36,7 @@ def test_writes_table_plot_results_and_both_adapters(tiny_demo):
     with open(out / "results.json") as f:
         stored = json.load(f)
     assert [r["method"] for r in stored["results"]] == ["lora", "msplora"]
+    assert stored["device"] == "cpu" and stored["commit"] and stored["date"]
     assert "| MSPLoRA 8/4/2 " in stored["table"] and "| LoRA r=8 (peft) " in stored["table"]
 
 
