@@ -36,8 +36,6 @@ MODEL_SIZES: Dict[str, Dict[str, int]] = {
     "base": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4),
 }
 METHODS = ("lora", "msplora")
-# Llama's default init (std 0.02) caps a frozen random head's logits near +-2.5: adapters could not fit anything.
-INIT_STD = 0.1
 WARMUP_STEPS_EXCLUDED = 3  # first steps pay for allocation and thread start-up; step time ignores them
 
 
@@ -110,7 +108,9 @@ def build_base_model(model_size: str, seq_len: int, seed: int, device: str) -> t
         raise ValueError(f"model size must be one of {sorted(MODEL_SIZES)}, got {model_size!r}")
     config = LlamaConfig(
         vocab_size=VOCAB_SIZE, max_position_embeddings=seq_len, tie_word_embeddings=False,
-        initializer_range=INIT_STD, **MODEL_SIZES[model_size]
+        # Llama's default init (std 0.02) caps a frozen random head's logits near +-2.5, so adapters could not fit
+        # anything; std 1/sqrt(width) lets the logits reach about sqrt(width) at any model size.
+        initializer_range=MODEL_SIZES[model_size]["hidden_size"] ** -0.5, **MODEL_SIZES[model_size]
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).to(device)
