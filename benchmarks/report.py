@@ -105,7 +105,7 @@ def write_results(result: Dict[str, object], out_dir: str, stem: str, notes: Seq
     ]
     header += [f"- {note}" for note in notes] + ([""] if notes else [])
     with open(paths["md"], "w") as f:
-        f.write("\n".join(header) + markdown_table(result["rows"]) + "\n")
+        f.write("\n".join(header) + "\n" + markdown_table(result["rows"]) + "\n")
     if with_plot:
         plot(result, paths["png"])
     return paths
