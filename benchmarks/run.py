@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cpu: M,K,N in {2048,1024,1024; 512,512,2048}, ranks 8/4/2, dropout 0 and 0.05, fp32 "
                         "(about a minute on 2 cores); llama7b: M in {4096,8192} x (K,N) in {(4096,4096), "
                         "(4096,11008), (11008,4096)}, ranks 8/4/2 and 64/32/16, dropout 0 and 0.05, bf16 on CUDA. "
-                        "Default: llama7b on CUDA, cpu otherwise, unless --shape is given")
+                        "Default: llama7b on CUDA, cpu otherwise; --shape, --ranks, --dropout and --dtype override its values")
     parser.add_argument("--shape", type=parse_shape, action="append",
                         help="M,K,N of one case (repeatable); replaces the preset's shapes")
     parser.add_argument("--ranks", type=parse_ranks, action="append",
