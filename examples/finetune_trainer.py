@@ -21,6 +21,7 @@ Multi-GPU: ``examples/ddp_torchrun.sh`` starts this script under ``torchrun`` (t
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import random
@@ -201,12 +202,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     if trainer.is_world_process_zero():
         print(f"train loss {metrics['train_loss']:.4f} | eval loss {metrics['eval_loss']:.4f} | "
               f"adapter saved in {os.path.join(args.output, 'adapter')}")
-    if torch.distributed.is_initialized():
-        # Left to interpreter exit, the process group's threads can abort a rank that finishes first.
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
     return metrics
+
+
+def shut_down_distributed() -> None:
+    """Destroy the process group torchrun's Trainer created, once the model (whose DDP reducer refers to it) is
+    gone. Left to interpreter exit, gloo's threads can abort the process; destroyed right after a collective,
+    its threads can still be releasing Python tensors and deadlock on the interpreter lock."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gc.collect()  # the Trainer, the model and DDP's reducer sit in reference cycles
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    shut_down_distributed()

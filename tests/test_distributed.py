@@ -5,8 +5,10 @@ bf16 error. The Hugging Face ``Trainer`` under DDP runs ``StagedTrainingCallback
 bit-identical, and ``MSPLoraTrainer`` refuses FSDP. Sharding the bank on its own is refused with an error that
 says what to do."""
 import datetime
+import faulthandler
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -56,15 +58,19 @@ def _entry(rank, fn, port, args, init_group):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
+    faulthandler.enable()  # a native abort in a worker then shows where it happened
     if init_group:
         # A collective that waits longer than this fails instead of hanging the test run.
         timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
         dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timeout)
-    try:
-        fn(rank, *args)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    fn(rank, *args)
+    # Both ranks are done with collectives; then leave without the interpreter's teardown, where destroying
+    # gloo's process group can abort or deadlock (its threads, the interpreter lock) now and then. An
+    # exception above skips this and reaches mp.spawn with its traceback.
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_on_two_processes(fn, *args, init_group=True):

@@ -118,27 +118,43 @@ def test_glue_metrics(metric, predictions, labels, expected):
     assert glue.METRICS[metric](np.array(predictions), np.array(labels)) == pytest.approx(expected)
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def kill_processes_mentioning(text):
+    """SIGKILL every process whose command line contains ``text`` (a path unique to one test)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if text in f.read().decode(errors="replace"):
+                    os.kill(int(entry), signal.SIGKILL)
+        except OSError:  # the process ended meanwhile
+            continue
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None or not os.path.isdir("/proc"),
+                    reason="needs torchrun on PATH and /proc (Linux)")
 def test_ddp_torchrun_script_runs_two_cpu_processes(tmp_path):
     script = os.path.join(EXAMPLES, "ddp_torchrun.sh")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     usage = subprocess.run(["bash", script], capture_output=True, text=True, env=env)
     assert usage.returncode == 2 and "usage:" in usage.stderr
 
+    output = tmp_path / "run"
     command = ["bash", script, "2", "--smoke", "--staged", "--max-steps", "2", "--save-steps", "2", "--block-size",
-               "48", "--output", str(tmp_path)]
-    # A session of its own, so that a hang is cleaned up with every worker torchrun started.
-    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                start_new_session=True)
-    try:
-        stdout, stderr = launcher.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(launcher.pid, signal.SIGKILL)
-        stdout, stderr = launcher.communicate()
-        pytest.fail("torchrun did not finish in 180 s:\n" + stdout[-3000:] + stderr[-3000:])
-    assert launcher.returncode == 0, stdout[-3000:] + stderr[-3000:]
+               "48", "--output", str(output)]
+    # Output to files, not pipes: after a hang no orphaned worker keeps a pipe open.
+    with open(tmp_path / "stdout", "w") as out, open(tmp_path / "stderr", "w") as err:
+        launcher = subprocess.Popen(command, stdout=out, stderr=err, text=True, env=env, start_new_session=True)
+        try:
+            launcher.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            kill_processes_mentioning(str(output))  # torchrun's workers run in sessions of their own
+            launcher.wait()
+    stdout, stderr = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
+    assert launcher.returncode == 0, f"exit {launcher.returncode}:\n{stdout[-3000:]}{stderr[-3000:]}"
     assert stdout.count("train loss") == 1  # printed by rank 0 only
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (output / "adapter" / "adapter_model.safetensors").is_file()
 
 
 class _LazyColumn:
