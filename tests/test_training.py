@@ -25,13 +25,7 @@ def tiny_llama(ranks=(4, 2, 1)):
         model, MSPLoraConfig(target_modules=["q_proj", "v_proj"], ranks=ranks, init_weights=False, dropout=0.1))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from more threads, and spinning threads slow a busy 2-core machine badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TokenDataset(torch.utils.data.Dataset):
