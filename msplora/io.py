@@ -8,14 +8,14 @@ Keys: ``global.<site>.lora_A``, ``mid.<site>.<group>.lora_A``, ``layer.<module>.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import CONFIG_NAME, MSPLoraConfig
+from .config import MSPLoraConfig
 from .model import _matches, apply_msplora, get_bank, has_msplora, msplora_layers, unload
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -109,9 +109,3 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
             param.copy_(found[key])
     return model
 
-
-def read_adapter_config(directory: str) -> MSPLoraConfig:
-    return MSPLoraConfig.from_pretrained(directory)
-
-
-__all__: Tuple[str, ...] = ("save_adapter", "load_adapter", "adapter_state_dict", "adapter_parameters", "CONFIG_NAME")

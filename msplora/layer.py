@@ -15,8 +15,8 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from msplora_kernels import msplora_linear, msplora_linear_ref
-from msplora_kernels.dispatch import check_backend_name, resolve_backend
+from msplora_kernels import msplora_linear
+from msplora_kernels.dispatch import check_backend_name
 
 try:  # FSDP2 keeps sharded parameters as DTensors
     from torch.distributed.tensor import DTensor
@@ -150,11 +150,6 @@ class MSPLoraLinear(nn.Module):
         weight, bias = self.base_weight_and_bias()
         return msplora_linear(x, weight, bias, branches, self.dropout, self.training, self.backend)
 
-    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The same layer through the unfused three-branch reference (for checks and benchmarks)."""
-        weight, bias = self.base_weight_and_bias()
-        return msplora_linear_ref(x, weight, bias, self._active_branches(), self.dropout, self.training)
-
     def delta_weight(self) -> torch.Tensor:
         """The (out, in) update of all branches together, in fp32."""
         delta = None
@@ -186,9 +181,6 @@ class MSPLoraLinear(nn.Module):
         weight = self.base_layer.weight
         delta = delta.to(weight.device)
         weight.add_((delta.t() if is_conv1d(self.base_layer) else delta).to(weight.dtype))
-
-    def resolved_backend(self, device: torch.device) -> str:
-        return resolve_backend(self.backend, device)
 
     def extra_repr(self) -> str:
         ranks = "/".join(str(b.rank) if b is not None else "0" for b in self.branches())
