@@ -118,6 +118,6 @@ def backward(
     for ds_s, a_s, c_s in zip(ds.split(list(ranks), dim=1), a_scaled.split(list(ranks)), coefs):
         keep = _draw_mask(m, k, p, generator, x.dtype)
         if dx is not None:
-            dx.add_((ds_s @ a_s).mul_(keep))
+            dx.addcmul_(ds_s @ a_s, keep)
         da_parts.append((ds_s.t() @ (x * keep)).mul_(c_s))
     return dx, torch.cat(da_parts), db
