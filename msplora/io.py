@@ -41,7 +41,8 @@ def adapter_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
         for name, module in model.named_modules():
             if _matches(name, bank.config.modules_to_save):
                 for pname, p in module.named_parameters():
-                    out[f"modules_to_save.{name}.{pname}"] = p
+                    if not any(p is q for q in out.values()):  # tied weights are stored once
+                        out[f"modules_to_save.{name}.{pname}"] = p
     return out
 
 
@@ -86,13 +87,16 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
     """Load an adapter saved by :func:`save_adapter` into ``model``.
 
     A plain model gets the adapter's config applied first (as ``PeftModel.from_pretrained`` does); a model
-    that already has MSPLoRA adapters gets its adapter weights replaced. Any error leaves ``model`` unchanged.
+    that already has MSPLoRA adapters gets its adapter weights replaced (merged layers are re-merged with the
+    new weights). Any error leaves ``model`` unchanged.
     """
     config = MSPLoraConfig.from_pretrained(directory)
     path = os.path.join(directory, WEIGHTS_NAME)
     found = _read_weights(path)
     applied_here = not has_msplora(model)
-    if applied_here:
+    if not applied_here:
+        _check_scalings(get_bank(model).config, config, directory)
+    else:
         requires_grad = {p: p.requires_grad for p in model.parameters()}
         apply_msplora(model, config)
     try:
@@ -104,8 +108,23 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
             for p, flag in requires_grad.items():
                 p.requires_grad_(flag)
         raise
+    merged = [layer for _, layer in msplora_layers(model) if layer.merged]
+    for layer in merged:  # the base weights hold the old update: take it out before the weights change
+        layer.unmerge()
     with torch.no_grad():
         for key, param in expected.items():
             param.copy_(found[key])
+    for layer in merged:
+        layer.merge()
     return model
+
+
+def _check_scalings(current: MSPLoraConfig, saved: MSPLoraConfig, directory: str) -> None:
+    """Same shapes are not enough: the scalings the weights were trained with must match the model's."""
+    for field in ("alphas", "use_rslora"):
+        if getattr(current, field) != getattr(saved, field):
+            raise ValueError(
+                f"adapter {directory} was trained with {field}={getattr(saved, field)} but this model's adapters "
+                f"use {field}={getattr(current, field)}; load it into the plain model (msplora.unload first)"
+            )
 

@@ -128,6 +128,15 @@ class MSPLoraLinear(nn.Module):
         """The (global, mid, layer) branches; ``None`` for a disabled scale."""
         return self._shared[0], self._shared[1], self.layer_branch
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (as PEFT's layers expose it: code that reads ``.weight.dtype`` keeps working)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.base_layer.bias
+
     def _active_branches(self):
         return [(b.A, b.B, b.scaling) for b in self.branches() if b is not None]
 
@@ -148,6 +157,8 @@ class MSPLoraLinear(nn.Module):
                 "root model (whose forward gathers the bank)"
             )
         weight, bias = self.base_weight_and_bias()
+        # Shared branches live on one device; a device_map may have put this layer on another.
+        branches = [(a.to(weight.device), b.to(weight.device), c) for a, b, c in branches]
         return msplora_linear(x, weight, bias, branches, self.dropout, self.training, self.backend)
 
     def delta_weight(self) -> torch.Tensor:
@@ -170,7 +181,7 @@ class MSPLoraLinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract the update again (exact in fp32, rounded in half precision)."""
+        """Subtract the update again (equal up to rounding: not bit-exact, even in fp32)."""
         if not self.merged:
             warnings.warn("MSPLoraLinear is not merged; nothing to do", stacklevel=2)
             return

@@ -46,6 +46,7 @@ def _matches(name: str, patterns) -> bool:
 def find_targets(model: nn.Module, config: MSPLoraConfig) -> List[Tuple[str, nn.Module]]:
     """The (name, module) pairs ``config`` selects, in model order; a clear error if a match is not linear."""
     targets = []
+    attention_modules = {n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
     for name, module in model.named_modules():
         if not name or name == BANK_NAME or name.startswith(BANK_NAME + "."):
             continue
@@ -57,6 +58,14 @@ def find_targets(model: nn.Module, config: MSPLoraConfig) -> List[Tuple[str, nn.
             selected = False
         if not selected:
             continue
+        if name.rpartition(".")[0] in attention_modules:
+            # nn.MultiheadAttention reads out_proj.weight directly and never calls out_proj.
+            if config.target_modules == "all-linear":
+                continue
+            raise ValueError(
+                f"target {name} is the out_proj of an nn.MultiheadAttention, which uses its weight directly "
+                "instead of calling it, so it cannot be adapted; exclude it (exclude_modules)"
+            )
         if isinstance(module, MSPLoraLinear):
             raise ValueError(f"{name} is already an MSPLoraLinear: the model already has MSPLoRA adapters")
         if not is_linear(module):
@@ -83,7 +92,8 @@ def _site_key(site: str) -> str:
 class MSPLoraBank(nn.Module):
     """Owns every shared (global and mid) branch of a model, once, so that DDP/FSDP2 see one owner.
 
-    ``sites`` maps each site to its layers' module names (sorted by layer index) and their mid-group ids.
+    ``sites`` maps each site to its layers' module names (sorted by layer index), their mid-group ids and the
+    key of its branches in ``global_branches``/``mid_branches``.
     """
 
     def __init__(self, config: MSPLoraConfig) -> None:
@@ -96,7 +106,11 @@ class MSPLoraBank(nn.Module):
     def add_site(self, site: str, names: Sequence[str], groups: Sequence[int], in_f: int, out_f: int, **factory):
         cfg = self.config
         key = _site_key(site)
-        self.sites[site] = {"layers": list(names), "groups": list(groups)}
+        taken = {info["key"] for info in self.sites.values()}
+        suffix = 1
+        while key in taken:  # module names with "__" could map two sites to one key
+            key, suffix = f"{_site_key(site)}_{suffix}", suffix + 1
+        self.sites[site] = {"layers": list(names), "groups": list(groups), "key": key}
         if cfg.ranks[0]:
             self.global_branches[key] = self._branch(in_f, out_f, 0, factory)
         if cfg.ranks[1]:
@@ -111,10 +125,10 @@ class MSPLoraBank(nn.Module):
         )
 
     def global_branch(self, site: str) -> Optional[LoraBranch]:
-        return self.global_branches[_site_key(site)] if self.config.ranks[0] else None
+        return self.global_branches[self.sites[site]["key"]] if self.config.ranks[0] else None
 
     def mid_branch(self, site: str, group: int) -> Optional[LoraBranch]:
-        return self.mid_branches[_site_key(site)][group] if self.config.ranks[1] else None
+        return self.mid_branches[self.sites[site]["key"]][group] if self.config.ranks[1] else None
 
     def extra_repr(self) -> str:
         return f"sites={len(self.sites)}, ranks={self.config.ranks}, num_mid_groups={self.config.num_mid_groups}"
@@ -171,6 +185,9 @@ def apply_msplora(model: nn.Module, config: MSPLoraConfig) -> nn.Module:
         missing = [n for n in config.modules_to_save if not any(_matches(m, [n]) for m, _ in model.named_modules())]
         if missing:
             raise ValueError(f"modules_to_save names no module of this model: {missing}")
+        overlap = [n for n, _ in targets if _matches(n, config.modules_to_save)]
+        if overlap:
+            raise ValueError(f"modules_to_save and target_modules both select {overlap[:3]}; a module is adapted or saved in full, not both")
 
     by_site: "OrderedDict[str, List[Tuple[int, str, nn.Module]]]" = OrderedDict()
     for name, module in targets:
@@ -193,7 +210,8 @@ def apply_msplora(model: nn.Module, config: MSPLoraConfig) -> nn.Module:
         factory = dict(device=members[0][2].weight.device, dtype=torch.float32)
         bank.add_site(site, [n for _, n, _ in members], groups, in_f, out_f, **factory)
         for (_, name, module), group in zip(members, groups):
-            layer_branch = bank._branch(in_f, out_f, 2, factory) if config.ranks[2] else None
+            own = dict(factory, device=module.weight.device)  # a device_map may spread layers over devices
+            layer_branch = bank._branch(in_f, out_f, 2, own) if config.ranks[2] else None
             replacements.append(
                 (name, MSPLoraLinear(module, bank.global_branch(site), bank.mid_branch(site, group), layer_branch,
                                      config.dropout, config.backend))

@@ -122,8 +122,9 @@ def msplora_linear(
     """
     _check_shapes(x, weight, branches)
     name = resolve_backend(backend, x.device)
-    if name == "reference":
-        return msplora_linear_ref(x, weight, bias, branches, dropout_p, training)
+    if name == "reference":  # adapters may be fp32 beside half-precision activations, as below
+        cast = [(a.to(x.dtype), b.to(x.dtype), c) for a, b, c in branches]
+        return msplora_linear_ref(x, weight, bias, cast, dropout_p, training)
     if not branches:
         return F.linear(x, weight, bias)
 

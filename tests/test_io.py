@@ -154,3 +154,40 @@ def test_corrupt_or_missing_files_change_nothing(tmp_path):
 def test_file_holds_no_pickle(tmp_path):
     msplora.save_adapter(trained_model(), tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_loading_into_a_merged_model_re_merges_the_new_weights(tmp_path):
+    source = trained_model()
+    msplora.save_adapter(source, tmp_path)
+    torch.manual_seed(5)
+    target = fresh_model()
+    msplora.apply_msplora(target, MSPLoraConfig(target_modules=TARGETS, init_weights=False))
+    msplora.merge(target)
+    msplora.load_adapter(target, tmp_path)
+    ids = inputs()
+    assert all(layer.merged for _, layer in msplora.msplora_layers(target))
+    torch.testing.assert_close(output(target, ids), output(source, ids), rtol=1e-4, atol=1e-5)
+    plain = msplora.unload(target, merge=False)  # the old update left the base weights
+    torch.testing.assert_close(output(plain, ids), output(fresh_model(), ids), rtol=1e-4, atol=1e-5)
+
+
+def test_loading_weights_trained_with_other_alphas_is_refused(tmp_path):
+    msplora.save_adapter(trained_model(alphas=(32, 32, 32)), tmp_path)
+    model = trained_model()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"alphas=\(32.0, 32.0, 32.0\).*alphas=\(16.0, 16.0, 16.0\)"):
+        msplora.load_adapter(model, tmp_path)
+    assert_unchanged(model, snap)
+
+
+def test_tied_weights_in_modules_to_save_are_stored_once(tmp_path):
+    torch.manual_seed(0)
+    model = gpt2().eval()
+    msplora.apply_msplora(model, MSPLoraConfig(target_modules=["c_attn"], init_weights=False,
+                                               modules_to_save=["lm_head", "wte"]))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    msplora.save_adapter(model, tmp_path)
+    torch.manual_seed(0)
+    loaded = gpt2().eval()
+    msplora.load_adapter(loaded, tmp_path)
+    assert torch.equal(output(loaded, inputs()), output(model, inputs()))

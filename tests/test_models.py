@@ -308,3 +308,69 @@ def test_hand_built_stack_of_layers_sharing_branches():
     trainable = [p for p in net.parameters() if p.requires_grad]
     assert len(trainable) == 2 + 2 * groups + 2 * num_layers
     assert all(p.grad is not None for p in trainable)
+
+
+def test_multihead_attention_out_proj_is_skipped_by_all_linear_and_refused_by_name():
+    def encoder():
+        layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        return torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).train()  # no fast path
+
+    model, x = encoder(), torch.randn(2, 5, 16)
+    base = model(x)
+    msplora.apply_msplora(model, MSPLoraConfig(target_modules="all-linear", init_weights=False))
+    names = [n for n, _ in msplora.msplora_layers(model)]
+    assert names and not any(n.endswith("out_proj") for n in names)
+    assert not torch.allclose(model(x), base)
+    with pytest.raises(ValueError, match="out_proj of an nn.MultiheadAttention"):
+        msplora.apply_msplora(encoder(), MSPLoraConfig(target_modules=["out_proj"]))
+
+
+def test_reference_backend_runs_a_half_precision_model():
+    from .models import llama
+
+    model = llama(num_layers=2).to(torch.bfloat16)
+    msplora.apply_msplora(model, MSPLoraConfig(target_modules=["q_proj"], init_weights=False, backend="reference"))
+    y = output(model, inputs())
+    set_backend(model, "torch")
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, output(model, inputs()), rtol=0.05, atol=0.05)
+
+
+def test_layer_branches_are_made_on_their_own_layer_device():
+    from .models import llama
+
+    model = llama(num_layers=2)
+    model.model.layers[1].self_attn.q_proj.to("meta")  # stands in for a layer a device_map put elsewhere
+    msplora.apply_msplora(model, MSPLoraConfig(target_modules=["q_proj"]))
+    devices = [layer.layer_branch.A.device.type for _, layer in msplora.msplora_layers(model)]
+    assert devices == ["cpu", "meta"]
+
+
+def test_modules_to_save_may_not_overlap_the_targets():
+    from .models import llama
+
+    with pytest.raises(ValueError, match="modules_to_save and target_modules both select"):
+        msplora.apply_msplora(llama(num_layers=2), MSPLoraConfig(target_modules=["q_proj"], modules_to_save=["q_proj"]))
+
+
+def test_sites_whose_keys_would_collide_each_keep_their_own_branches():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Module()
+            self.a.b = torch.nn.Linear(4, 4)
+            self.a__b = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.a__b(self.a.b(x))
+
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList([Block(), Block()])
+    msplora.apply_msplora(model, MSPLoraConfig(target_modules=["a.b", "a__b"]))
+    bank = model.msplora_bank
+    assert set(bank.sites) == {"blocks.*.a.b", "blocks.*.a__b"}
+    assert len(bank.global_branches) == 2
+    assert bank.global_branch("blocks.*.a.b") is not bank.global_branch("blocks.*.a__b")
+    owned = {id(p) for p in model.parameters()}
+    for _, layer in msplora.msplora_layers(model):
+        assert all(id(p) in owned for b in layer.branches() for p in b.parameters())
