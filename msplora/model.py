@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from collections import OrderedDict
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -180,6 +181,14 @@ def apply_msplora(model: nn.Module, config: MSPLoraConfig) -> nn.Module:
         raise ValueError(
             f"target_modules={config.target_modules!r} matched no module. Linear modules in this model "
             f"include: {_linear_names(model)}"
+        )
+    fast_path_layers = {n for n, m in model.named_modules() if isinstance(m, nn.TransformerEncoderLayer)}
+    if any(name.rpartition(".")[0] in fast_path_layers for name, _ in targets):
+        warnings.warn(
+            "nn.TransformerEncoderLayer's inference fast path (eval mode, no grad) reads its linear weights "
+            "directly and so bypasses MSPLoRA adapters; run such layers with gradients enabled or in train mode, "
+            "or merge the adapters (msplora.merge) for inference",
+            stacklevel=2,
         )
     if config.modules_to_save:
         missing = [n for n in config.modules_to_save if not any(_matches(m, [n]) for m, _ in model.named_modules())]

@@ -317,7 +317,8 @@ def test_multihead_attention_out_proj_is_skipped_by_all_linear_and_refused_by_na
 
     model, x = encoder(), torch.randn(2, 5, 16)
     base = model(x)
-    msplora.apply_msplora(model, MSPLoraConfig(target_modules="all-linear", init_weights=False))
+    with pytest.warns(UserWarning, match="fast path"):
+        msplora.apply_msplora(model, MSPLoraConfig(target_modules="all-linear", init_weights=False))
     names = [n for n, _ in msplora.msplora_layers(model)]
     assert names and not any(n.endswith("out_proj") for n in names)
     assert not torch.allclose(model(x), base)
