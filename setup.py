@@ -8,7 +8,11 @@ setup(
     description="Multi-Scale Pyramid LoRA (MSPLoRA) with fused Triton kernels for PyTorch and Hugging Face models",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["msplora", "msplora.*", "msplora_kernels", "msplora_kernels.*", "benchmarks", "benchmarks.*"]),
+    # The benchmarks live in ./benchmarks (``python -m benchmarks.run`` from the checkout) and install as
+    # ``msplora_benchmarks`` (``python -m msplora_benchmarks.run`` from any folder), never as a generic top-level name.
+    packages=find_packages(include=["msplora", "msplora.*", "msplora_kernels", "msplora_kernels.*"])
+    + ["msplora_benchmarks"],
+    package_dir={"msplora_benchmarks": "benchmarks"},
     package_data={"msplora": ["data/*.txt"]},  # the demo's text (Genesis, King James Version, public domain)
     entry_points={"console_scripts": ["msplora-demo = msplora.demo:main"]},
     python_requires=">=3.9",
