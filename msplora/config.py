@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -32,7 +35,9 @@ class MSPLoraConfig:
         exclude_modules: names (suffix list or regex) never to adapt, even if ``target_modules`` matches them.
         modules_to_save: names (suffixes) of extra modules to train and save in full, e.g. a classifier head.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"``; ``auto`` defers to the
-            ``MSPLORA_BACKEND`` environment variable, then picks Triton on CUDA and PyTorch elsewhere.
+            ``MSPLORA_BACKEND`` environment variable, then picks Triton on CUDA and PyTorch elsewhere. A runtime
+            choice: it is not written to ``adapter_config.json`` (an adapter trained on a GPU loads anywhere),
+            and ``load_adapter(..., backend=...)`` sets it for the loaded layers.
     """
 
     target_modules: Union[List[str], str]
@@ -54,18 +59,22 @@ class MSPLoraConfig:
                 raise ValueError(f"target_modules must be a non-empty list of names, got {self.target_modules!r}")
         elif not isinstance(self.target_modules, str) or not self.target_modules:
             raise ValueError(f"target_modules must be a list of names or a regex string, got {self.target_modules!r}")
-        self.ranks = self._triple("ranks", self.ranks, int)
-        self.alphas = self._triple("alphas", self.alphas, (int, float))
+        self.target_modules = self._names("target_modules", self.target_modules)
+        self.ranks = tuple(int(r) for r in self._triple("ranks", self.ranks, numbers.Integral))
+        self.alphas = self._triple("alphas", self.alphas, numbers.Real)
         if any(r < 0 for r in self.ranks):
             raise ValueError(f"ranks must be >= 0, got {self.ranks}")
         if not any(self.ranks):
             raise ValueError(f"ranks must enable at least one scale, got {self.ranks}")
-        if any(a <= 0 for a in self.alphas):
-            raise ValueError(f"alphas must be > 0, got {self.alphas}")
+        if any(not math.isfinite(a) or a <= 0 for a in self.alphas):
+            raise ValueError(f"alphas must be finite numbers > 0, got {self.alphas}")
         self.alphas = tuple(float(a) for a in self.alphas)
-        if isinstance(self.num_mid_groups, bool) or not isinstance(self.num_mid_groups, int) or self.num_mid_groups < 1:
+        if isinstance(self.num_mid_groups, bool) or not isinstance(self.num_mid_groups, numbers.Integral) \
+                or self.num_mid_groups < 1:
             raise ValueError(f"num_mid_groups must be an integer >= 1, got {self.num_mid_groups!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        self.num_mid_groups = int(self.num_mid_groups)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real) \
+                or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
         self.dropout = float(self.dropout)
         if not isinstance(self.use_rslora, bool):
@@ -73,14 +82,29 @@ class MSPLoraConfig:
         if not any(self.init_weights is c or self.init_weights == c for c in INIT_CHOICES if isinstance(c, str)) \
                 and not isinstance(self.init_weights, bool):
             raise ValueError(f"init_weights must be one of {INIT_CHOICES}, got {self.init_weights!r}")
-        if self.exclude_modules is not None and not isinstance(self.exclude_modules, str):
-            self.exclude_modules = list(self.exclude_modules)
+        if self.exclude_modules is not None:
+            self.exclude_modules = self._names("exclude_modules", self.exclude_modules)
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, str):
                 raise ValueError("modules_to_save must be a list of module names, not a string")
-            self.modules_to_save = list(self.modules_to_save)
+            self.modules_to_save = self._names("modules_to_save", self.modules_to_save)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    @staticmethod
+    def _names(name: str, value: Any) -> Union[List[str], str]:
+        """A regex string (checked to compile) or a list of non-empty name strings."""
+        if isinstance(value, str):
+            if value == "all-linear":
+                return value
+            try:
+                re.compile(value)
+            except re.error as e:
+                raise ValueError(f"{name} is not a valid regular expression ({e}): {value!r}") from None
+            return value
+        if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) and v for v in value):
+            return list(value)
+        raise ValueError(f"{name} must be a list of module names or a regex string, got {value!r}")
 
     @staticmethod
     def _triple(name: str, value: Any, kind) -> tuple:
@@ -100,13 +124,16 @@ class MSPLoraConfig:
 
     # --- serialisation (PEFT's conventions: adapter_config.json in a directory) ---
     def to_dict(self) -> Dict[str, Any]:
+        """The persisted fields (``backend``, a runtime choice, is left out)."""
         out = dataclasses.asdict(self)
         out["ranks"], out["alphas"] = list(self.ranks), list(self.alphas)
+        del out["backend"]
         return out
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "MSPLoraConfig":
         data = dict(data)
+        data.pop("backend", None)  # written by msplora 0.1.0; a runtime choice, not part of the adapter
         peft_type = data.pop("peft_type", "MSPLORA")
         if peft_type != "MSPLORA":
             raise ValueError(f"not an MSPLoRA config: peft_type is {peft_type!r}")

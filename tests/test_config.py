@@ -13,9 +13,17 @@ def test_defaults_follow_the_paper():
 def test_json_round_trip(tmp_path):
     c = MSPLoraConfig(target_modules=r".*\.q_proj", ranks=(16, 0, 3), alphas=(8, 8, 4), dropout=0.05,
                       use_rslora=True, init_weights="gaussian", exclude_modules=["layers.0.q_proj"],
-                      modules_to_save=["classifier"], backend="torch")
+                      modules_to_save=["classifier"])
     c.save_pretrained(tmp_path)
     assert MSPLoraConfig.from_pretrained(tmp_path) == c
+
+
+def test_the_backend_is_a_runtime_choice_not_saved(tmp_path):
+    MSPLoraConfig(target_modules=["q_proj"], backend="triton").save_pretrained(tmp_path)
+    assert "backend" not in (tmp_path / "adapter_config.json").read_text()
+    assert MSPLoraConfig.from_pretrained(tmp_path).backend == "auto"
+    # adapter files written by msplora 0.1.0 carry a backend: it is ignored, not an error
+    assert MSPLoraConfig.from_dict({"target_modules": ["q"], "backend": "triton"}).backend == "auto"
 
 
 @pytest.mark.parametrize(
@@ -28,6 +36,13 @@ def test_json_round_trip(tmp_path):
         (dict(ranks=(0, 0, 0)), "ranks"),
         (dict(ranks=(8.0, 4, 2)), "ranks"),
         (dict(alphas=(16, 0, 16)), "alphas"),
+        (dict(alphas=(16, float("nan"), 16)), "alphas"),
+        (dict(alphas=(float("inf"), 16, 16)), "alphas"),
+        (dict(target_modules="(q_proj"), "target_modules.*regular expression"),
+        (dict(exclude_modules="[v_proj"), "exclude_modules.*regular expression"),
+        (dict(exclude_modules=3), "exclude_modules"),
+        (dict(exclude_modules=[""]), "exclude_modules"),
+        (dict(modules_to_save=[3]), "modules_to_save"),
         (dict(num_mid_groups=0), "num_mid_groups"),
         (dict(dropout=1.0), "dropout"),
         (dict(dropout=-0.1), "dropout"),
@@ -41,6 +56,15 @@ def test_bad_values_name_the_field(kwargs, field):
     kwargs.setdefault("target_modules", ["q_proj"])
     with pytest.raises(ValueError, match=field):
         MSPLoraConfig(**kwargs)
+
+
+def test_numpy_numbers_are_accepted_as_plain_ones():
+    np = pytest.importorskip("numpy")
+    c = MSPLoraConfig(target_modules=["q_proj"], ranks=np.array([8, 4, 2]), alphas=(np.float32(16), 16, 16),
+                      num_mid_groups=np.int64(3), dropout=np.float64(0.05))
+    assert c.ranks == (8, 4, 2) and all(type(r) is int for r in c.ranks)
+    assert c.alphas == (16.0, 16.0, 16.0) and type(c.num_mid_groups) is int
+    assert '"ranks": [\n    8,' in c.to_json_string()  # JSON-serialisable
 
 
 def test_unknown_fields_and_foreign_configs_are_rejected():
