@@ -24,6 +24,7 @@ import argparse
 import gc
 import math
 import os
+import tempfile
 import random
 from typing import Dict, List, Optional, Sequence
 
@@ -46,7 +47,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--dataset", help="a Hugging Face dataset name (needs the datasets package)")
     p.add_argument("--dataset-split", default="train")
     p.add_argument("--smoke", action="store_true", help="offline: tiny random Llama, byte tokens, generated text")
-    p.add_argument("--output", required=True, help="output directory (checkpoints, adapter)")
+    p.add_argument("--output", help="output directory (checkpoints, adapter); with --smoke, default a temporary folder")
     p.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"])
     p.add_argument("--ranks", nargs=3, type=int, default=[8, 4, 2], metavar=("GLOBAL", "MID", "LAYER"))
     p.add_argument("--alphas", nargs=3, type=float, default=[16.0, 16.0, 16.0])
@@ -74,6 +75,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("give --model (or --smoke for the offline run)")
     if not args.smoke and not (args.text_file or args.dataset):
         p.error("give --text-file or --dataset (or --smoke)")
+    if args.output is None:
+        if not args.smoke or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            p.error("give --output (where checkpoints and the adapter go; under torchrun every process needs the same)")
+        args.output = tempfile.mkdtemp(prefix="msplora-smoke-")
     return args
 
 

@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -222,12 +223,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--model", default="FacebookAI/roberta-base")
     p.add_argument("--targets", choices=sorted(TARGETS), default="qv")
-    p.add_argument("--output", default="runs/glue")
+    p.add_argument("--output", help="where results.json/.md go (default runs/glue; with --smoke a temporary folder)")
     p.add_argument("--epochs", type=int, help="override the paper's epochs (quick trials)")
     p.add_argument("--max-train-samples", type=int, help="use the first N training examples (quick trials)")
     p.add_argument("--staged", action="store_true", help="MSPLoRA: train global, then mid, then layer scales")
     p.add_argument("--smoke", action="store_true", help="offline: tiny random RoBERTa and synthetic data")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.output is None:
+        args.output = tempfile.mkdtemp(prefix="msplora-glue-smoke-") if args.smoke else os.path.join("runs", "glue")
+    return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
@@ -240,6 +244,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
         json.dump(rows, f, indent=2)
     with open(os.path.join(args.output, "results.md"), "w") as f:
         f.write(table + "\n")
+    print(f"wrote {os.path.join(args.output, 'results.json')} and results.md")
     return rows
 
 

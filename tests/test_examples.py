@@ -62,6 +62,19 @@ def test_finetune_trainer_smoke_trains_resumes_and_exports(tmp_path):
     assert math.isfinite(resumed["eval_loss"])
 
 
+def test_smoke_runs_need_no_output_folder_and_never_write_into_the_checkout(monkeypatch):
+    finetune, glue = load_example("finetune_trainer"), load_example("glue")
+    for args in (finetune.parse_args(["--smoke"]), glue.parse_args(["--smoke"])):
+        assert os.path.isabs(args.output) and not os.path.abspath(args.output).startswith(ROOT)
+        os.rmdir(args.output)
+    assert glue.parse_args([]).output == os.path.join("runs", "glue")
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--model", "m", "--text-file", "t"])  # a real run names its output
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--smoke"])  # every torchrun process needs the same folder
+
+
 def test_glue_smoke_compares_lora_and_msplora_with_exact_parameter_counts(tmp_path, capsys):
     glue = load_example("glue")
     rows = glue.main(["--smoke", "--tasks", "rte", "stsb", "--output", str(tmp_path)])
@@ -134,7 +147,7 @@ def test_ddp_torchrun_script_runs_two_cpu_processes(tmp_path):
     assert usage.returncode == 2 and "usage:" in usage.stderr
 
     output = tmp_path / "run"
-    command = ["bash", script, "2", "--smoke", "--staged", "--max-steps", "2", "--save-steps", "2", "--block-size",
+    command = ["bash", script, "2", "--smoke", "--staged", "--max-steps", "3", "--save-steps", "3", "--block-size",
                "48", "--output", str(output)]
     # Output to files, not pipes: after a hang no orphaned worker keeps a pipe open.
     with open(tmp_path / "stdout", "w") as out, open(tmp_path / "stderr", "w") as err:
