@@ -25,9 +25,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+from ._files import atomic_directory
 from .layer import is_conv1d
-from .model import _matches, get_bank, msplora_layers
-from .training import unwrap_model
+from .model import _matches, get_bank, msplora_layers, unwrap_model
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -102,15 +102,18 @@ def export_peft(
     if task_type in HEAD_TASK_TYPES:
         # PEFT wraps these heads itself for such tasks and expects their weights in the file.
         modules_to_save += [n for n in PEFT_HEAD_NAMES if n not in modules_to_save]
+    saved = [name for name, _ in model.named_modules() if modules_to_save and _matches(name, modules_to_save)]
+    saved += [n for n in _tied_partners(model, saved) if n not in saved]
     saved_modules = set()
-    for name, module in model.named_modules():
-        if modules_to_save and _matches(name, modules_to_save):
-            saved_modules.add(name.rpartition(".")[2])
-            # PEFT keeps these in full under their own names (its wrapper's prefix is dropped in the file).
-            for pname, p in module.named_parameters():
-                tensors[f"{PEFT_PREFIX}{name}.{pname}"] = p.detach()
+    for name in saved:
+        saved_modules.add(name.rpartition(".")[2])
+        # PEFT keeps these in full under their own names (its wrapper's prefix is dropped in the file).
+        for pname, p in model.get_submodule(name).named_parameters():
+            tensors[f"{PEFT_PREFIX}{name}.{pname}"] = p.detach()
     modules_to_save = [n for n in modules_to_save if n in (config.modules_to_save or []) or n in saved_modules]
-    tensors = {k: t.to(dtype or t.dtype).contiguous().cpu() for k, t in tensors.items()}
+    modules_to_save += sorted(n for n in saved_modules if n not in modules_to_save)
+    # clone: tied tensors (saved under two names) must not share memory in a safetensors file
+    tensors = {k: t.to(dtype or t.dtype).contiguous().cpu().clone() for k, t in tensors.items()}
 
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
@@ -131,9 +134,25 @@ def export_peft(
         "modules_to_save": modules_to_save or None,
         "init_lora_weights": True,
     }
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, PEFT_CONFIG_NAME), "w") as f:
-        json.dump(peft_config, f, indent=2, sort_keys=True)
-        f.write("\n")
-    save_file(tensors, os.path.join(directory, PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
+    with atomic_directory(directory) as staging:  # both files or neither
+        with open(os.path.join(staging, PEFT_CONFIG_NAME), "w") as f:
+            json.dump(peft_config, f, indent=2, sort_keys=True)
+            f.write("\n")
+        save_file(tensors, os.path.join(staging, PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
     return peft_config
+
+
+def _tied_partners(model: nn.Module, saved) -> list:
+    """Modules outside ``saved`` that share a parameter with a module in it (an input embedding tied to a saved
+    ``lm_head``). Training the saved module trained them too, but PEFT copies each module it saves, so an
+    export exact in PEFT must save them as well."""
+    inside = lambda n: any(n == s or n.startswith(s + ".") for s in saved)  # noqa: E731
+    holders: Dict[int, list] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            holders.setdefault(id(p), []).append(mname)
+    partners = []
+    for name in saved:
+        for p in model.get_submodule(name).parameters():
+            partners += [m for m in holders.get(id(p), []) if not inside(m) and m not in partners]
+    return partners

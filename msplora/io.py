@@ -7,22 +7,25 @@ Keys: ``global.<site>.lora_A``, ``mid.<site>.<group>.lora_A``, ``layer.<module>.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ._files import atomic_directory
 from .config import MSPLoraConfig
-from .model import _matches, apply_msplora, get_bank, has_msplora, msplora_layers, unload
+from .model import _matches, apply_msplora, get_bank, has_msplora, msplora_layers, unload, unwrap_model
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 def adapter_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
     """Every adapter Parameter under its file key, shared ones once."""
+    model = unwrap_model(model)
     bank = get_bank(model)
     out: Dict[str, nn.Parameter] = {}
 
@@ -51,10 +54,12 @@ def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, directory: str) -> None:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``."""
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory`` (both or neither:
+    they are written to a temporary folder first). ``model`` may be wrapped (DDP, ``torch.compile``)."""
     state = {k: t.contiguous().cpu() for k, t in adapter_state_dict(model).items()}
-    get_bank(model).config.save_pretrained(directory)
-    save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt", "adapter": "msplora"})
+    with atomic_directory(directory) as staging:
+        get_bank(model).config.save_pretrained(staging)
+        save_file(state, os.path.join(staging, WEIGHTS_NAME), metadata={"format": "pt", "adapter": "msplora"})
 
 
 def _read_weights(path: str) -> Dict[str, torch.Tensor]:
@@ -83,16 +88,28 @@ def _check_state(expected: Dict[str, nn.Parameter], found: Dict[str, torch.Tenso
         raise ValueError(f"adapter {path} does not fit this model: " + "; ".join(problems) + tail)
 
 
-def load_adapter(model: nn.Module, directory: str) -> nn.Module:
-    """Load an adapter saved by :func:`save_adapter` into ``model``.
+def load_adapter(
+    model: nn.Module, directory: str, is_trainable: bool = False, backend: Optional[str] = None
+) -> nn.Module:
+    """Load an adapter saved by :func:`save_adapter` into ``model`` (bare or wrapped by DDP/``torch.compile``).
 
     A plain model gets the adapter's config applied first (as ``PeftModel.from_pretrained`` does); a model
     that already has MSPLoRA adapters gets its adapter weights replaced (merged layers are re-merged with the
     new weights). Any error leaves ``model`` unchanged.
+
+    Args:
+        is_trainable: PEFT's convention. ``False`` (default): ready for inference: the adapter (and any
+            ``modules_to_save``) is frozen and the model is put in eval mode, so adapter dropout is off.
+            ``True``: the adapter requires grad and the model's mode is left alone (resuming training).
+        backend: the backend of newly applied layers (default ``"auto"``); for a model that already has
+            adapters, ``None`` keeps their backend. Backends are never read from the adapter folder.
     """
     config = MSPLoraConfig.from_pretrained(directory)
+    if backend is not None or not has_msplora(model):
+        config = dataclasses.replace(config, backend=backend or "auto")  # validates the name
     path = os.path.join(directory, WEIGHTS_NAME)
     found = _read_weights(path)
+    wrapper, model = model, unwrap_model(model)
     applied_here = not has_msplora(model)
     if not applied_here:
         _check_scalings(get_bank(model).config, config, directory)
@@ -116,7 +133,14 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
             param.copy_(found[key])
     for layer in merged:
         layer.merge()
-    return model
+    if backend is not None:
+        for _, layer in msplora_layers(model):
+            layer.backend = config.backend
+    for param in expected.values():
+        param.requires_grad_(bool(is_trainable))
+    if not is_trainable:
+        wrapper.eval()
+    return wrapper
 
 
 def _check_scalings(current: MSPLoraConfig, saved: MSPLoraConfig, directory: str) -> None:

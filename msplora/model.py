@@ -2,18 +2,26 @@
 shared branches, merge/unmerge/unload, disabling adapters, staged training and parameter counts.
 
 Sites and groups: a targeted module ``model.layers.5.self_attn.q_proj`` belongs to the *site*
-``model.layers.*.self_attn.q_proj`` (its first integer path component is the layer index). A site with
-L layers (sorted by index, positions i = 0..L-1) gets one global branch, one mid branch per group
+``model.layers.*.self_attn.q_proj``: its layer index is its position in the model's repeated block list, an
+``nn.ModuleList`` (or ``nn.Sequential``) whose children all have the same class, whatever wraps the model
+(``nn.Sequential``, a sentence-transformers model, a DDP or compiled wrapper). Where several such lists
+nest on the path, the outermost one whose members agree in shape is used: a hierarchical model such as Swin
+(stages of blocks, each stage its own width) gets one site per stage, with the block index starred. A site
+with L layers (sorted by index, positions i = 0..L-1) gets one global branch, one mid branch per group
 ``floor(i * G / L)`` (G = ``num_mid_groups``; with G > L every layer is its own group) and one branch per
 layer. The global and mid branches live once in ``model.msplora_bank``; layers reference them.
+
+Every public function here accepts the model as the user holds it: bare, or wrapped by DDP, DataParallel
+or ``torch.compile`` (see :func:`unwrap_model`).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 import warnings
 from collections import OrderedDict
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -24,18 +32,60 @@ from .layer import LoraBranch, MSPLoraLinear, is_conv1d, linear_features
 BANK_NAME = "msplora_bank"
 
 
+# ---------------------------------------------------------------------------------------------- wrappers
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP/DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 # ---------------------------------------------------------------------------------------------- matching
 def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
-def layer_index(name: str) -> Tuple[Optional[int], str]:
-    """(layer index, site) of a module name: the first integer path component, replaced by ``*``."""
+def block_lists(model: nn.Module) -> Dict[str, int]:
+    """The repeated block lists, name -> length: ``nn.ModuleList``/``nn.Sequential`` modules whose children all
+    have the same class (``""`` for the model itself when it is one)."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > 0:
+            if len({type(child) for child in module.children()}) == 1:
+                out[name] = len(module)
+    return out
+
+
+def block_positions(name: str, lists: Dict[str, int]) -> List[int]:
+    """The path positions of ``name`` that index a repeated block list: lists of several blocks outermost
+    first, then lists of one (a wrapper such as ``nn.Sequential(model)`` is no block list while a real one
+    is on the path; a one-layer model still has its layer index)."""
     parts = name.split(".")
-    for i, part in enumerate(parts):
-        if part.isdigit():
-            return int(part), ".".join(parts[:i] + ["*"] + parts[i + 1 :])
-    return None, name
+    found = [i for i in range(len(parts) - 1) if parts[i].isdigit() and ".".join(parts[:i]) in lists]
+    return sorted(found, key=lambda i: (lists[".".join(parts[:i])] < 2, i))
+
+
+def _starred(name: str, position: int) -> Tuple[int, str]:
+    parts = name.split(".")
+    return int(parts[position]), ".".join(parts[:position] + ["*"] + parts[position + 1 :])
+
+
+def layer_index(name: str, lists: Optional[Sequence[str]] = None) -> Tuple[Optional[int], str]:
+    """(layer index, site) of a module name: its position in the outermost repeated block list on its path,
+    replaced by ``*`` (``lists`` from :func:`block_lists`). Without ``lists``, the first integer path component
+    (the rule for names alone, e.g. in saved files). ``(None, name)`` outside any block list."""
+    if lists is None:
+        parts = name.split(".")
+        positions = [i for i, part in enumerate(parts) if part.isdigit()][:1]
+    else:
+        positions = block_positions(name, lists)
+    if not positions:
+        return None, name
+    return _starred(name, positions[0])
 
 
 def _matches(name: str, patterns) -> bool:
@@ -48,11 +98,12 @@ def find_targets(model: nn.Module, config: MSPLoraConfig) -> List[Tuple[str, nn.
     """The (name, module) pairs ``config`` selects, in model order; a clear error if a match is not linear."""
     targets = []
     attention_modules = {n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    lists = block_lists(model) if config.target_modules == "all-linear" else {}
     for name, module in model.named_modules():
         if not name or name == BANK_NAME or name.startswith(BANK_NAME + "."):
             continue
         if config.target_modules == "all-linear":
-            selected = is_linear(module) and layer_index(name)[0] is not None
+            selected = is_linear(module) and bool(block_positions(name, lists))
         else:
             selected = _matches(name, config.target_modules)
         if selected and config.exclude_modules is not None and _matches(name, config.exclude_modules):
@@ -136,20 +187,22 @@ class MSPLoraBank(nn.Module):
 
 
 def get_bank(model: nn.Module) -> MSPLoraBank:
-    bank = getattr(model, BANK_NAME, None)
+    bank = getattr(unwrap_model(model), BANK_NAME, None)
     if not isinstance(bank, MSPLoraBank):
         raise ValueError("this model has no MSPLoRA adapters: call msplora.apply_msplora(model, config) first")
     return bank
 
 
 def has_msplora(model: nn.Module) -> bool:
+    model = unwrap_model(model)
     return isinstance(getattr(model, BANK_NAME, None), MSPLoraBank) or any(
         isinstance(m, MSPLoraLinear) for m in model.modules()
     )
 
 
 def msplora_layers(model: nn.Module) -> Iterator[Tuple[str, MSPLoraLinear]]:
-    for name, module in model.named_modules():
+    """(name, layer) of every ``MSPLoraLinear``, names as in the unwrapped model."""
+    for name, module in unwrap_model(model).named_modules():
         if isinstance(module, MSPLoraLinear):
             yield name, module
 
@@ -174,6 +227,12 @@ def apply_msplora(model: nn.Module, config: MSPLoraConfig) -> nn.Module:
     """
     if not isinstance(config, MSPLoraConfig):
         raise TypeError(f"config must be an MSPLoraConfig, got {type(config).__name__}")
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        raise ValueError(
+            "apply_msplora on a model already wrapped by DDP/DataParallel: the wrapper has fixed the parameters it "
+            "reduces. Apply MSPLoRA to the bare model first, then wrap it"
+        )
+    wrapper, model = model, unwrap_model(model)
     if has_msplora(model):
         raise ValueError("the model already has MSPLoRA adapters; call msplora.unload(model) before applying again")
     targets = find_targets(model, config)
@@ -198,19 +257,17 @@ def apply_msplora(model: nn.Module, config: MSPLoraConfig) -> nn.Module:
         if overlap:
             raise ValueError(f"modules_to_save and target_modules both select {overlap[:3]}; a module is adapted or saved in full, not both")
 
-    by_site: "OrderedDict[str, List[Tuple[int, str, nn.Module]]]" = OrderedDict()
-    for name, module in targets:
-        index, site = layer_index(name)
-        by_site.setdefault(site, []).append((index if index is not None else 0, name, module))
-
+    _check_untied(model, targets)
+    by_site = assign_sites(model, targets)
     for site, members in by_site.items():  # validate everything before changing anything
-        members.sort(key=lambda t: t[0])
         shapes = {linear_features(m) for _, _, m in members}
         if len(shapes) != 1:
             raise ValueError(f"site {site} has layers of different shapes {sorted(shapes)}; they cannot share branches")
+    _warn_lonely_sites(by_site)
 
     for p in model.parameters():
         p.requires_grad_(False)
+    config = copy.deepcopy(config)  # the caller's object may change later; the adapter must not
     bank = MSPLoraBank(config)
     replacements = []
     for site, members in by_site.items():
@@ -221,18 +278,95 @@ def apply_msplora(model: nn.Module, config: MSPLoraConfig) -> nn.Module:
         for (_, name, module), group in zip(members, groups):
             own = dict(factory, device=module.weight.device)  # a device_map may spread layers over devices
             layer_branch = bank._branch(in_f, out_f, 2, own) if config.ranks[2] else None
-            replacements.append(
-                (name, MSPLoraLinear(module, bank.global_branch(site), bank.mid_branch(site, group), layer_branch,
-                                     config.dropout, config.backend))
-            )
+            layer = MSPLoraLinear(module, bank.global_branch(site), bank.mid_branch(site, group), layer_branch,
+                                  config.dropout, config.backend)
+            replacements.append((name, layer.train(module.training)))  # an eval-mode model stays inference-ready
     for name, layer in replacements:
         _set_submodule(model, name, layer)
-    model.add_module(BANK_NAME, bank)
+    model.add_module(BANK_NAME, bank.train(model.training))
+    if callable(getattr(model, "save_pretrained", None)):
+        model.save_pretrained = _RefuseSavePretrained()
     for name, module in model.named_modules():
         if config.modules_to_save and _matches(name, config.modules_to_save):
             for p in module.parameters():
                 p.requires_grad_(True)
     return model
+
+
+def assign_sites(model: nn.Module, targets: Sequence[Tuple[str, nn.Module]]):
+    """Group targets into sites: ``{site: [(layer index, name, module), ...]}`` sorted by index, in model order.
+
+    Each target's path is starred at its outermost repeated block list (see the module docstring). If any
+    site formed from one block list would mix shapes, every target in that list is starred one block list
+    further in instead (Swin: stages of different widths give one site per stage and block position).
+    """
+    lists = block_lists(model)
+    sites: "OrderedDict[str, List[Tuple[int, str, nn.Module]]]" = OrderedDict()
+
+    def list_of(name: str, positions: List[int], level: int) -> str:
+        return ".".join(name.split(".")[: positions[level]]) if level < len(positions) else name
+
+    def place(items, level: int) -> None:
+        by_list: "OrderedDict[str, list]" = OrderedDict()
+        for item in items:
+            by_list.setdefault(list_of(item[0], item[2], level), []).append(item)
+        for members in by_list.values():
+            groups: "OrderedDict[str, list]" = OrderedDict()
+            for name, module, positions in members:
+                index, site = _starred(name, positions[level]) if level < len(positions) else (0, name)
+                groups.setdefault(site, []).append((index, name, module))
+            mixed = any(len({linear_features(m) for _, _, m in g}) > 1 for g in groups.values())
+            if mixed and any(level + 1 < len(positions) for *_, positions in members):
+                place(members, level + 1)
+                continue
+            for site, group in groups.items():
+                sites[site] = sorted(group, key=lambda t: t[0])
+
+    place([(name, module, block_positions(name, lists)) for name, module in targets], 0)
+    order = {name: i for i, (name, _) in enumerate(targets)}  # sites in model order of their first layer
+    return OrderedDict(sorted(sites.items(), key=lambda kv: min(order[n] for _, n, _ in kv[1])))
+
+
+def _check_untied(model: nn.Module, targets: Sequence[Tuple[str, nn.Module]]) -> None:
+    """Refuse targets whose weight another module shares (an ``lm_head`` tied to the input embeddings)."""
+    holders: Dict[int, List[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(p), []).append(pname)
+    for name, module in targets:
+        others = [n for n in holders.get(id(module.weight), []) if n != f"{name}.weight"]
+        if others:
+            raise ValueError(
+                f"target {name}: its weight is tied to {others[0]} (e.g. tie_word_embeddings), so merging the adapter "
+                "would rewrite that module too, and tie_weights, resize_token_embeddings and save_pretrained would "
+                f"break. Leave {name} out of target_modules (or in exclude_modules), or untie it first: "
+                f"model.config.tie_word_embeddings = False; then give {name} its own copy, "
+                f"e.g. module.weight = nn.Parameter(module.weight.detach().clone())"
+            )
+
+
+def _warn_lonely_sites(by_site) -> None:
+    most = max(len(members) for members in by_site.values())
+    lonely = [site for site, members in by_site.items() if len(members) == 1]
+    if most > 1 and lonely:
+        warnings.warn(
+            f"{len(lonely)} site(s) have a single layer while others have up to {most}: {lonely[:3]}. They share "
+            "nothing (global and mid branches of their own). Expected for a lone module such as a head; otherwise "
+            "the module is outside the model's repeated block list",
+            stacklevel=3,
+        )
+
+
+class _RefuseSavePretrained:
+    """Stands in for ``model.save_pretrained`` while adapters are in (picklable: holds no reference)."""
+
+    def __call__(self, *args, **kwargs):
+        raise ValueError(
+            "save_pretrained on a model with MSPLoRA adapters would write a checkpoint that from_pretrained reloads "
+            "with every adapted projection re-initialised at random (their weights sit under base_layer.*). "
+            "Save the adapter with msplora.save_adapter(model, dir) (reload: msplora.load_adapter(base_model, dir)), "
+            "or a plain model with the update merged with msplora.unload(model, merge=True).save_pretrained(dir); "
+            "with the Hugging Face Trainer use msplora.MSPLoraTrainer, whose checkpoints hold the adapter"
+        )
 
 
 # ----------------------------------------------------------------------------------- merge and unload
@@ -257,13 +391,16 @@ def unmerge(model: nn.Module) -> nn.Module:
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Put the plain base modules back (with the adapters merged into them if ``merge``) and drop the bank."""
     get_bank(model)
-    for name, layer in list(msplora_layers(model)):
+    inner = unwrap_model(model)
+    for name, layer in list(msplora_layers(inner)):
         if merge and not layer.merged:
             layer.merge()
         elif not merge and layer.merged:
             layer.unmerge()
-        _set_submodule(model, name, layer.base_layer)
-    delattr(model, BANK_NAME)
+        _set_submodule(inner, name, layer.base_layer)
+    delattr(inner, BANK_NAME)
+    if isinstance(inner.__dict__.get("save_pretrained"), _RefuseSavePretrained):
+        del inner.__dict__["save_pretrained"]
     return model
 
 
@@ -302,7 +439,7 @@ def scale_parameters(model: nn.Module) -> Dict[str, List[nn.Parameter]]:
     return out
 
 
-def set_trainable_scales(model: nn.Module, scales: Iterable[str]) -> nn.Module:
+def set_trainable_scales(model: nn.Module, scales: Union[str, Iterable[str]]) -> nn.Module:
     """Train only the given scales (``{"global"}``, ``{"global", "mid"}``, ...): the others get
     ``requires_grad=False`` and so no gradient.
 
@@ -310,7 +447,7 @@ def set_trainable_scales(model: nn.Module, scales: Iterable[str]) -> nn.Module:
     before wrapping, or wrap with ``find_unused_parameters=True`` (Trainer: ``ddp_find_unused_parameters=True``)
     so that frozen scales are skipped; their ``.grad`` then stays ``None`` and optimizers leave them alone.
     """
-    scales = set(scales)
+    scales = {scales} if isinstance(scales, str) else set(scales)
     unknown = scales - set(SCALES)
     if unknown:
         raise ValueError(f"unknown scales {sorted(unknown)}; choose from {SCALES}")
@@ -327,8 +464,9 @@ def trainable_parameters(model: nn.Module) -> Dict[str, int]:
     ``"total"`` (everything that requires grad, e.g. a head in ``modules_to_save``) and ``"all"``."""
     counts = {scale: sum(p.numel() for p in ps) for scale, ps in scale_parameters(model).items()}
     counts["adapter"] = sum(counts[s] for s in SCALES)
-    counts["total"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    counts["all"] = sum(p.numel() for p in model.parameters())
+    params = list(unwrap_model(model).parameters())
+    counts["total"] = sum(p.numel() for p in params if p.requires_grad)
+    counts["all"] = sum(p.numel() for p in params)
     return counts
 
 
@@ -340,14 +478,25 @@ def print_trainable_parameters(model: nn.Module) -> None:
     )
 
 
-def count_parameters(hf_config, config: MSPLoraConfig, lora_rank: Optional[int] = None) -> Dict[str, object]:
+def count_parameters(
+    hf_config, config: MSPLoraConfig, lora_rank: Optional[int] = None, model_class=None
+) -> Dict[str, object]:
     """Adapter sizes of MSPLoRA and of plain LoRA (rank ``lora_rank``, default the largest MSPLoRA rank)
-    on the same targets, computed on the meta device: no weights are allocated or downloaded."""
-    from transformers import AutoModel
+    on the same targets, computed on the meta device: no weights are allocated or downloaded.
 
+    The model built is ``model_class`` if given, else the architecture ``hf_config.architectures`` names
+    (e.g. ``LlamaForCausalLM``, with its head, so ``modules_to_save=["lm_head"]`` counts), else ``AutoModel``.
+    """
+    import transformers
+
+    if lora_rank is not None and (isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1):
+        raise ValueError(f"lora_rank must be an integer >= 1, got {lora_rank!r}")
     lora_rank = lora_rank or max(config.ranks)
+    if model_class is None:
+        names = getattr(hf_config, "architectures", None) or []
+        model_class = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), None)
     with torch.device("meta"):
-        model = AutoModel.from_config(hf_config)
+        model = model_class(hf_config) if model_class is not None else transformers.AutoModel.from_config(hf_config)
     targets = find_targets(model, config)
     if not targets:
         raise ValueError(f"target_modules={config.target_modules!r} matched no module of this model")

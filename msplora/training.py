@@ -29,20 +29,9 @@ from transformers.training_args import ParallelMode
 
 from .config import SCALES
 from .io import WEIGHTS_NAME, load_adapter, save_adapter
-from .model import get_bank, scale_parameters, set_trainable_scales
+from .model import get_bank, scale_parameters, set_trainable_scales, unwrap_model  # noqa: F401 (re-exported)
 
 TRAINING_ARGS_NAME = "training_args.bin"
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside DDP/DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 class StagedTrainingCallback(TrainerCallback):
@@ -106,6 +95,7 @@ class StagedTrainingCallback(TrainerCallback):
         self._check_distributed(args, model)
         self._check_optimizer(model, kwargs.get("optimizer"))
         starts = self.stage_starts(model, state.max_steps)
+        self._check_stage_lengths(model, starts, state.max_steps)
         self._scales, self._starts = list(starts), list(starts.values())
         self.current_stage = None
         self._enter(model, state.global_step)
@@ -116,6 +106,19 @@ class StagedTrainingCallback(TrainerCallback):
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         set_trainable_scales(unwrap_model(kwargs["model"]), SCALES)
         self.current_stage = None
+
+    def _check_stage_lengths(self, model: nn.Module, starts: Dict[str, int], max_steps: int) -> None:
+        """Every stage given a share must get at least one optimizer step: it would be skipped silently."""
+        bounds = list(starts.values()) + [max_steps]
+        lengths = {scale: bounds[i + 1] - bounds[i] for i, scale in enumerate(starts)}
+        shares = dict(zip(SCALES, self.fractions)) if self.fractions is not None else {}
+        empty = [scale for scale, length in lengths.items() if length < 1 and shares.get(scale, 1.0) > 0]
+        if empty:
+            raise ValueError(
+                f"StagedTrainingCallback: {max_steps} optimizer step(s) give the stages {lengths} steps, so the "
+                f"{'/'.join(empty)} stage(s) would never train. Train for at least {len(starts)} steps "
+                "(max_steps, or more epochs/data), or change fractions"
+            )
 
     @staticmethod
     def _check_optimizer(model: nn.Module, optimizer) -> None:
@@ -178,7 +181,7 @@ class MSPLoraTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
         if not os.path.isfile(os.path.join(resume_from_checkpoint, WEIGHTS_NAME)):
             raise ValueError(f"no MSPLoRA adapter ({WEIGHTS_NAME}) in checkpoint {resume_from_checkpoint}")
-        load_adapter(unwrap_model(model if model is not None else self.model), resume_from_checkpoint)
+        load_adapter(unwrap_model(model if model is not None else self.model), resume_from_checkpoint, is_trainable=True)
 
     def _load_best_model(self) -> None:
-        load_adapter(unwrap_model(self.model), self.state.best_model_checkpoint)
+        load_adapter(unwrap_model(self.model), self.state.best_model_checkpoint, is_trainable=True)

@@ -170,3 +170,44 @@ def test_export_refuses_merged_models_and_bad_task_types(tmp_path):
         msplora.export_peft(adapted, str(tmp_path))
     with pytest.raises(ValueError, match="no MSPLoRA adapters"):
         msplora.export_peft(tiny_llama(), str(tmp_path))
+
+
+def tied_llama():
+    return tf.LlamaForCausalLM(tf.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=True))
+
+
+@pytest.mark.parametrize("saved", [["lm_head"], ["embed_tokens", "lm_head"]])
+def test_a_trained_tied_head_exports_exactly(tmp_path, saved):
+    torch.manual_seed(0)
+    base = tied_llama().eval()
+    adapted = tied_llama().eval()
+    adapted.load_state_dict(base.state_dict())
+    assert adapted.lm_head.weight is adapted.model.embed_tokens.weight
+    msplora.apply_msplora(adapted, MSPLoraConfig(target_modules=["q_proj", "v_proj"], ranks=(2, 1, 1),
+                                                 init_weights=False, modules_to_save=saved))
+    with torch.no_grad():  # training the tied head moves the input embeddings too
+        adapted.lm_head.weight.add_(torch.randn_like(adapted.lm_head.weight))
+    written = msplora.export_peft(adapted, str(tmp_path / "export"), task_type="CAUSAL_LM")
+    assert sorted(written["modules_to_save"]) == ["embed_tokens", "lm_head"]
+    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "export")).eval()
+    torch.testing.assert_close(logits(loaded, IDS), logits(adapted, IDS), rtol=1e-4, atol=1e-4)
+    assert os.listdir(tmp_path) == ["export"]  # no staging folder left behind
+
+
+def test_a_failed_export_leaves_no_folder_and_an_existing_one_untouched(tmp_path, monkeypatch):
+    _, adapted = base_and_adapted("llama", ranks=(2, 1, 1))
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(msplora.export, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        msplora.export_peft(adapted, str(tmp_path / "new"))
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "adapter_config.json").write_text("{}")
+    with pytest.raises(OSError, match="disk full"):
+        msplora.export_peft(adapted, str(tmp_path / "old"))
+    assert os.listdir(tmp_path) == ["old"] and (tmp_path / "old" / "adapter_config.json").read_text() == "{}"
