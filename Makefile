@@ -6,9 +6,15 @@ PIP := $(PYTHON) -m pip
 
 # Installs the project with its test extras. Where no torch is installed yet, torch 2.13.0 is taken
 # first (on the project's CPU machines pip finds a CPU build of exactly that version on disk).
+# A second `make test` skips the install (about 30 s) while build/.installed is newer than setup.py and the
+# project imports; delete build/.installed to force it.
 install:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e ".[test]"
+	@if [ build/.installed -nt setup.py ] && $(PYTHON) -c "import msplora, pytest" 2>/dev/null; then \
+		echo "make: already installed (rm build/.installed to reinstall)"; \
+	else \
+		( $(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0" ) && \
+		$(PIP) install -q -e ".[test]" && mkdir -p build && touch build/.installed; \
+	fi
 
 test: install
 	$(PYTHON) -m pytest tests -q

@@ -10,7 +10,6 @@ import torch
 
 from benchmarks import measure, param_table, providers, run
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +117,11 @@ def test_runs_as_a_module_from_another_folder(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "LLaMA-2-7B" in done.stdout and "RoBERTa-base" in done.stdout
     assert not os.listdir(tmp_path)  # the table alone runs no timing and writes nothing
+    # installed as msplora_benchmarks: no top-level "benchmarks" package claimed in site-packages
+    probe = subprocess.run([sys.executable, "-c", "import importlib.util as u; print(u.find_spec('benchmarks'))"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert probe.stdout.strip() == "None", probe.stdout
 
 
 def test_an_interrupted_run_writes_what_it_measured(tmp_path, monkeypatch):

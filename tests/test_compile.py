@@ -50,7 +50,9 @@ def test_whole_model_compiles_and_trains_with_eager_losses():
         torch.testing.assert_close(compiled_params[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("autocast_dtype,tol", [(None, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16-autocast"])
+# Error model: compiled and eager code may round at different points (fused kernels keep fp32 intermediates):
+# a few units of the last place of the output dtype, relative to the tensor's scale: 2^-8 for bf16 -> 5 ulps.
+@pytest.mark.parametrize("autocast_dtype,tol", [(None, 1e-5), (torch.bfloat16, 5 * 2**-8)], ids=["fp32", "bf16-autocast"])
 def test_one_layer_compiles_with_fullgraph(autocast_dtype, tol):
     torch._dynamo.reset()
     shared = LoraBranch(24, 20, 4, 16.0, init_weights=False)
@@ -72,6 +74,6 @@ def test_one_layer_compiles_with_fullgraph(autocast_dtype, tol):
     y_eager, grads_eager = run(layer)
     y_compiled, grads_compiled = run(compiled)
     assert y_compiled.dtype == (autocast_dtype or torch.float32)
-    torch.testing.assert_close(y_compiled, y_eager, rtol=tol, atol=tol)
+    torch.testing.assert_close(y_compiled, y_eager, rtol=tol, atol=tol * y_eager.abs().max().item())
     for got, expected in zip(grads_compiled, grads_eager):
         torch.testing.assert_close(got, expected, rtol=tol, atol=tol * expected.abs().max().item())

@@ -235,3 +235,17 @@ def test_glue_real_data_path_with_a_stand_in_for_datasets(tmp_path, monkeypatch)
     steps = math.ceil(24 / glue.TASKS["mrpc"].batch_size)  # one epoch of 24 examples at the paper's batch size
     checkpoint = tmp_path / "mrpc" / "msplora" / f"checkpoint-{steps}"
     assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == steps
+
+
+def test_the_readme_offline_example_runs_as_written():
+    import re
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    example = [b for b in blocks if "offline" in b or "LlamaConfig(vocab_size=256" in b]
+    assert len(example) == 1
+    namespace = {}
+    exec(compile(example[0], "README.md", "exec"), namespace)
+    fresh = namespace["fresh"]
+    assert not fresh.training and not any(p.requires_grad for p in fresh.parameters())
+    assert len(list(namespace["msplora"].msplora_layers(fresh))) == 12

@@ -80,7 +80,8 @@ def test_an_untied_head_can_be_targeted_and_merged_without_touching_the_embeddin
     model.config.tie_word_embeddings = False
     model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
     embeddings = model.model.embed_tokens.weight.clone()
-    msplora.apply_msplora(model, MSPLoraConfig(target_modules=["q_proj", "lm_head"], init_weights=False))
+    with pytest.warns(UserWarning, match="single layer"):  # lm_head is a site of its own
+        msplora.apply_msplora(model, MSPLoraConfig(target_modules=["q_proj", "lm_head"], init_weights=False))
     ids = inputs()
     with torch.no_grad():
         expected = output(model, ids)
@@ -189,7 +190,8 @@ def test_a_hierarchical_model_gets_one_site_per_stage():
 
 def test_stages_of_equal_width_share_one_site_across_stages():
     model = nn.ModuleDict({"stages": nn.ModuleList([Stage(8, 3), Stage(8, 2)])})
-    msplora.apply_msplora(model, MSPLoraConfig(target_modules=["proj"]))
+    with pytest.warns(UserWarning, match=r"single layer.*blocks\.2"):  # only the first stage has a third block
+        msplora.apply_msplora(model, MSPLoraConfig(target_modules=["proj"]))
     assert list(msplora.model.get_bank(model).sites) == ["stages.*.blocks.0.proj", "stages.*.blocks.1.proj",
                                                           "stages.*.blocks.2.proj"]
 
