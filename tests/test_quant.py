@@ -402,3 +402,18 @@ def test_other_quantizers_are_refused_naming_the_layer_type(label, make, message
     assert [type(m) for m in model.modules()] == before
     assert not hasattr(model, "msplora_bank")
     assert all(p.requires_grad for p in model.layers[0].other.parameters())
+
+
+def test_memory_benchmark_measures_both_bases(saved_base):
+    """``benchmarks/qlora_memory.py`` on the tiny model: the 4-bit base's weights take less than the 16-bit one's."""
+    from benchmarks import qlora_memory
+
+    rows = {base: qlora_memory.measure_one(saved_base, base, "cpu", steps=1, batch=1, seq=8)
+            for base in qlora_memory.BASES}
+    assert rows["nf4"]["weights_mb"] < rows["bf16"]["weights_mb"]
+    assert rows["nf4"]["all_params"] == rows["bf16"]["all_params"]
+    assert all(r["training_mb"] >= 0 and math.isfinite(r["last_loss"]) for r in rows.values())
+    text = qlora_memory.markdown({"size": "tiny", "shape": qlora_memory.SIZES["small"], "batch": 1, "seq": 8,
+                                  "steps": 1, "device": "cpu", "commit": "x", "date": "d", "loadavg": "0",
+                                  "rows": list(rows.values())})
+    assert "| nf4 |" in text and "4-bit / 16-bit" in text
