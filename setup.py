@@ -1,6 +1,6 @@
 from setuptools import find_packages, setup
 
-TEST = ["pytest>=8", "pytest-benchmark>=4", "peft>=0.13", "accelerate>=1.0", "matplotlib>=3.7"]
+TEST = ["pytest>=8", "pytest-benchmark>=4", "peft>=0.13", "accelerate>=1.0", "matplotlib>=3.7", "bitsandbytes>=0.50"]
 
 setup(
     name="msplora",

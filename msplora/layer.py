@@ -5,18 +5,36 @@ those are shared with other layers, so exactly one module (``MSPLoraBank`` after
 own container when building layers by hand) must own them. Holding the branch modules rather than their
 tensors matters: DDP and FSDP2 swap the Parameters of the module that owns them, and each forward reads the
 current ones.
+
+Two ways to run a layer, chosen in one place (``MSPLoraLinear.forward``):
+
+- *fused*: a plain ``nn.Linear``/``Conv1D`` without hooks. The op reads ``base_layer.weight`` and computes
+  ``x W^T + b + sum_s c_s (D_s(x) A_s^T) B_s^T`` in one ``msplora_linear`` call.
+- *base call*: every other base layer (a bitsandbytes ``Linear4bit``/``Linear8bitLt``, any ``nn.Linear``
+  subclass, a layer carrying forward/backward hooks such as accelerate's offload hooks, weights or input on
+  the meta device). The base layer is *called*, so its own kernel and its hooks run, and :func:`lowrank_term`
+  adds ``sum_s c_s (D_s(x) A_s^T) B_s^T``. The two parts stay separate, so a fused dequantise-GEMM-plus-
+  low-rank kernel for 4-bit bases plugs into that one branch.
+
+Both follow the same dropout contract: one independent inverted-dropout mask per branch
+(``D_s(x) = mask_s * x / (1 - p)``), identity in eval mode.
 """
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
+import torch.nn.functional as F
+
 from msplora_kernels import msplora_linear
 from msplora_kernels.dispatch import check_backend_name
+from msplora_kernels.reference import Branch
+
+from . import quant
 
 try:  # FSDP2 keeps sharded parameters as DTensors
     from torch.distributed.tensor import DTensor
@@ -33,6 +51,75 @@ def is_conv1d(module: nn.Module) -> bool:
     return Conv1D is not None and isinstance(module, Conv1D)
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs more than its class's ``forward``: module or global forward/backward
+    hooks, or a ``forward`` replaced on the instance (accelerate's ``add_hook_to_module`` does that)."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+        or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+        or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks
+        or "forward" in module.__dict__ or getattr(module, "_hf_hook", None) is not None
+    )
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """An exact ``nn.Linear`` or ``Conv1D`` (no subclass) whose weight is an ordinary tensor: what the fused op
+    computes exactly as the layer's own forward would."""
+    if not (type(module) is nn.Linear or (Conv1D is not None and type(module) is Conv1D)):
+        return False
+    return type(module.weight) in (nn.Parameter, torch.Tensor) and (
+        module.bias is None or type(module.bias) in (nn.Parameter, torch.Tensor)
+    )
+
+
+def base_layer_device(module: nn.Module) -> torch.device:
+    """Where ``module`` computes: its weight's device, or, for a layer offloaded by accelerate (weight on the
+    meta device between calls), its hook's execution device. Adapters are made there."""
+    weight = getattr(module, "weight", None)
+    device = weight.device if weight is not None else torch.device("cpu")
+    if device.type == "meta":
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", [hook]):  # accelerate's SequentialHook holds several
+            execution = getattr(h, "execution_device", None)
+            if isinstance(execution, dict):  # one device per tensor name
+                execution = next(iter(execution.values()), None)
+            if execution is not None:
+                return torch.device(f"cuda:{execution}" if isinstance(execution, int) else execution)
+    return device
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # devices without autocast (meta): "unknown device type for autocast"
+        return False
+
+
+def lowrank_term(x: torch.Tensor, branches: Sequence[Branch], dropout_p: float = 0.0,
+                 training: bool = False) -> torch.Tensor:
+    """``sum_s c_s (D_s(x) A_s^T) B_s^T`` for branches ``(A_s, B_s, c_s)``, ``D_s`` an independent inverted
+    dropout per branch (identity when not training or ``dropout_p == 0``), in plain torch ops that autograd
+    differentiates. Adapters are moved to ``x``'s device and cast to its dtype, as ``msplora_linear`` does;
+    under autocast ``F.linear`` casts everything to the autocast dtype instead.
+
+    Shapes: x (..., K), A_s (r_s, K), B_s (N, r_s) -> (..., N). The scalings are folded into A; without
+    dropout all branches are one shrink ``S = x [c_g A_g; c_m A_m; c_l A_l]^T`` and one expand ``S B^T``.
+    """
+    p = float(dropout_p) if training else 0.0
+    dtype = None if _autocast_enabled(x.device.type) else x.dtype
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=x.device, dtype=dtype or t.dtype)
+
+    if p == 0.0:
+        s = F.linear(x, torch.cat([cast(a) * c for a, _, c in branches]))
+    else:
+        s = torch.cat([F.linear(F.dropout(x, p, True), cast(a) * c) for a, _, c in branches], dim=-1)
+    return F.linear(s, torch.cat([cast(b) for _, b, _ in branches], dim=1))
+
+
 def linear_features(module: nn.Module) -> Tuple[int, int]:
     """(in_features, out_features) of an ``nn.Linear`` or a ``transformers`` ``Conv1D``."""
     if isinstance(module, nn.Linear):
@@ -40,6 +127,45 @@ def linear_features(module: nn.Module) -> Tuple[int, int]:
     if is_conv1d(module):
         return module.weight.shape[0], module.weight.shape[1]
     raise TypeError(f"MSPLoRA adapts nn.Linear and transformers Conv1D layers, got {type(module).__name__}")
+
+
+_FSDP_CACHE: dict = {"key": None, "managed": frozenset()}
+
+
+def _fsdp_managed_modules() -> frozenset:
+    """ids of every module inside a module passed to FSDP2's ``fully_shard``, recomputed when those change."""
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch builds without distributed
+        return frozenset()
+    roots = [m for m in list(_module_state_mapping.keys()) if isinstance(m, FSDPModule)]
+    key = tuple(sorted(id(m) for m in roots))
+    if key != _FSDP_CACHE["key"]:
+        _FSDP_CACHE["key"], _FSDP_CACHE["managed"] = key, frozenset(id(s) for m in roots for s in m.modules())
+    return _FSDP_CACHE["managed"]
+
+
+def _check_shared_branches_sharded(layer: "MSPLoraLinear") -> None:
+    """Refuse FSDP2 with the decoder layers sharded but not the module owning the shared (global and mid)
+    branches (the root, through ``msplora_bank``): each rank would train its own copy of them, their gradients
+    never reduced, silently. Once checked for the current sharding it costs one identity test."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    managed = _fsdp_managed_modules()
+    if layer._fsdp_checked is managed:
+        return
+    shared = [b for b in layer._shared if b is not None]
+    if managed and id(layer) in managed and any(id(b) not in managed for b in shared):
+        raise RuntimeError(
+            "FSDP2 shards this MSPLoRA layer but not the module that owns its shared (global and mid) branches, "
+            "model.msplora_bank: their gradients would not be reduced across ranks and every rank would train its "
+            "own copy. Shard the root model too, after the decoder layers: `for layer in model.model.layers: "
+            "fully_shard(layer)`, then `fully_shard(model)`"
+        )
+    layer._fsdp_checked = managed
 
 
 class LoraBranch(nn.Module):
@@ -87,7 +213,8 @@ class LoraBranch(nn.Module):
 class MSPLoraLinear(nn.Module):
     """``base_layer(x) + sum over (global, mid, layer) of scaling_s * (drop_s(x) A_s^T) B_s^T``.
 
-    ``base_layer`` (an ``nn.Linear`` or ``Conv1D``) is frozen and kept as is. ``layer_branch`` is owned by this
+    ``base_layer`` (an ``nn.Linear``, ``Conv1D`` or bitsandbytes 4-/8-bit linear layer) is frozen and kept as
+    is; ``forward`` either runs the fused op on its weight or calls it (see the module docstring). ``layer_branch`` is owned by this
     module; ``global_branch`` and ``mid_branch`` are only referenced (see the module docstring). Any branch
     may be ``None`` (a disabled scale).
     """
@@ -123,6 +250,7 @@ class MSPLoraLinear(nn.Module):
         self.backend = check_backend_name(backend)
         self.merged = False
         self.disabled = False
+        self._fsdp_checked = None  # the FSDP2 sharding _check_shared_branches_sharded last accepted
 
     def branches(self) -> Tuple[Optional[LoraBranch], Optional[LoraBranch], Optional[LoraBranch]]:
         """The (global, mid, layer) branches; ``None`` for a disabled scale."""
@@ -145,6 +273,15 @@ class MSPLoraLinear(nn.Module):
         weight = self.base_layer.weight
         return (weight.t() if is_conv1d(self.base_layer) else weight), self.base_layer.bias
 
+    def calls_base_layer(self, x: torch.Tensor) -> bool:
+        """Whether ``forward`` calls ``base_layer`` and adds :func:`lowrank_term` instead of running the fused op
+        on its weight: for anything but a plain, hook-free ``nn.Linear``/``Conv1D`` whose weight is on ``x``'s
+        device, and for the meta device (which the fused op does not run on)."""
+        base = self.base_layer
+        if not is_plain_linear(base) or has_hooks(base):
+            return True
+        return x.device.type == "meta" or base.weight.device != x.device
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         branches = self._active_branches()
         if self.disabled or self.merged or not branches:
@@ -156,6 +293,12 @@ class MSPLoraLinear(nn.Module):
                 "called. Do not fully_shard model.msplora_bank or a LoraBranch: shard the decoder layers, then the "
                 "root model (whose forward gathers the bank)"
             )
+        _check_shared_branches_sharded(self)
+        if self.calls_base_layer(x):
+            # The one dispatch place for non-plain bases (quantised, hooked, offloaded, meta); a fused
+            # dequantise-GEMM-plus-low-rank kernel for 4-bit bases would replace these two lines.
+            y = self.base_layer(x)
+            return y + lowrank_term(x, branches, self.dropout, self.training).to(y.dtype)
         weight, bias = self.base_weight_and_bias()
         # Shared branches live on one device; a device_map may have put this layer on another.
         branches = [(a.to(weight.device), b.to(weight.device), c) for a, b, c in branches]
@@ -189,6 +332,9 @@ class MSPLoraLinear(nn.Module):
         self.merged = False
 
     def _add_to_base(self, delta: torch.Tensor) -> None:
+        if quant.is_bnb_quantized(self.base_layer):  # dequantise, add, requantise (warns about the rounding)
+            quant.add_to_quantized_weight(self.base_layer, delta)
+            return
         weight = self.base_layer.weight
         delta = delta.to(weight.device)
         weight.add_((delta.t() if is_conv1d(self.base_layer) else delta).to(weight.dtype))

@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 
 from .config import SCALES, MSPLoraConfig
-from .layer import LoraBranch, MSPLoraLinear, is_conv1d, linear_features
+from . import quant
+from .layer import LoraBranch, MSPLoraLinear, base_layer_device, is_conv1d, linear_features
 
 BANK_NAME = "msplora_bank"
 
@@ -103,7 +104,8 @@ def find_targets(model: nn.Module, config: MSPLoraConfig) -> List[Tuple[str, nn.
         if not name or name == BANK_NAME or name.startswith(BANK_NAME + "."):
             continue
         if config.target_modules == "all-linear":
-            selected = is_linear(module) and bool(block_positions(name, lists))
+            selected = (is_linear(module) or quant.looks_like_quantised_linear(module)) and bool(
+                block_positions(name, lists))
         else:
             selected = _matches(name, config.target_modules)
         if selected and config.exclude_modules is not None and _matches(name, config.exclude_modules):
@@ -120,6 +122,7 @@ def find_targets(model: nn.Module, config: MSPLoraConfig) -> List[Tuple[str, nn.
             )
         if isinstance(module, MSPLoraLinear):
             raise ValueError(f"{name} is already an MSPLoraLinear: the model already has MSPLoRA adapters")
+        quant.check_supported(name, module)  # other quantisers' layers: refused, naming the layer type
         if not is_linear(module):
             raise ValueError(
                 f"target {name} is a {type(module).__name__}; MSPLoRA adapts nn.Linear and Conv1D layers only "
@@ -273,10 +276,10 @@ def apply_msplora(model: nn.Module, config: MSPLoraConfig) -> nn.Module:
     for site, members in by_site.items():
         in_f, out_f = linear_features(members[0][2])
         groups = group_positions(len(members), config.num_mid_groups)
-        factory = dict(device=members[0][2].weight.device, dtype=torch.float32)
+        factory = dict(device=base_layer_device(members[0][2]), dtype=torch.float32)
         bank.add_site(site, [n for _, n, _ in members], groups, in_f, out_f, **factory)
         for (_, name, module), group in zip(members, groups):
-            own = dict(factory, device=module.weight.device)  # a device_map may spread layers over devices
+            own = dict(factory, device=base_layer_device(module))  # a device_map may spread layers over devices
             layer_branch = bank._branch(in_f, out_f, 2, own) if config.ranks[2] else None
             layer = MSPLoraLinear(module, bank.global_branch(site), bank.mid_branch(site, group), layer_branch,
                                   config.dropout, config.backend)
@@ -465,8 +468,8 @@ def trainable_parameters(model: nn.Module) -> Dict[str, int]:
     counts = {scale: sum(p.numel() for p in ps) for scale, ps in scale_parameters(model).items()}
     counts["adapter"] = sum(counts[s] for s in SCALES)
     params = list(unwrap_model(model).parameters())
-    counts["total"] = sum(p.numel() for p in params if p.requires_grad)
-    counts["all"] = sum(p.numel() for p in params)
+    counts["total"] = sum(quant.num_elements(p) for p in params if p.requires_grad)
+    counts["all"] = sum(quant.num_elements(p) for p in params)  # packed 4-bit weights unpacked
     return counts
 
 

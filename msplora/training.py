@@ -28,7 +28,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.training_args import ParallelMode
 
 from .config import SCALES
-from .io import WEIGHTS_NAME, load_adapter, save_adapter
+from .io import WEIGHTS_NAME, _check_state, _read_weights, adapter_parameters, load_adapter, save_adapter
 from .model import get_bank, scale_parameters, set_trainable_scales, unwrap_model  # noqa: F401 (re-exported)
 
 TRAINING_ARGS_NAME = "training_args.bin"
@@ -152,21 +152,109 @@ class StagedTrainingCallback(TrainerCallback):
             )
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "full_tensor") and hasattr(t, "device_mesh")
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any adapter parameter of ``model`` is an FSDP2 shard (a DTensor)."""
+    return any(_is_dtensor(p) for p in adapter_parameters(unwrap_model(model)).values())
+
+
+def gather_adapter_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Every adapter tensor whole, on the CPU, under its file key; a collective under FSDP2: every rank must call
+    it. Each shard is gathered with ``DTensor.full_tensor()``, so the file holds the full tensors, never one
+    rank's shard (the trap of accelerate#4206)."""
+    out = {}
+    for key, p in adapter_parameters(unwrap_model(model)).items():
+        t = p.detach()
+        out[key] = (t.full_tensor() if _is_dtensor(t) else t).contiguous().cpu()
+    return out
+
+
+def save_sharded_adapter(model: nn.Module, directory: str, is_main_process: bool = True) -> None:
+    """:func:`msplora.save_adapter` for a model whose adapters FSDP2 shards: all ranks gather, the main one
+    writes the same two files (``adapter_config.json``, ``adapter_model.safetensors``)."""
+    from safetensors.torch import save_file
+
+    state = gather_adapter_state(model)
+    if is_main_process:
+        os.makedirs(directory, exist_ok=True)
+        get_bank(unwrap_model(model)).config.save_pretrained(directory)
+        save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt", "adapter": "msplora"})
+
+
+@torch.no_grad()
+def load_sharded_adapter(model: nn.Module, directory: str) -> nn.Module:
+    """Load a saved adapter into a model whose adapters FSDP2 shards: every rank reads the full tensors and
+    keeps its own shard (``distribute_tensor`` without communication). Keys and shapes are checked first,
+    as :func:`msplora.load_adapter` does; plain (unsharded) parameters are copied whole."""
+    from torch.distributed.tensor import distribute_tensor
+
+    model = unwrap_model(model)
+    path = os.path.join(directory, WEIGHTS_NAME)
+    found = _read_weights(path)
+    expected = adapter_parameters(model)
+    _check_state(expected, found, path)
+    for key, p in expected.items():
+        full = found[key].to(dtype=p.dtype)
+        if _is_dtensor(p):
+            full = distribute_tensor(full.to(p.to_local().device), p.device_mesh, p.placements, src_data_rank=None)
+        p.copy_(full.to(p.device) if not _is_dtensor(full) else full)
+    return model
+
+
 class MSPLoraTrainer(Trainer):
     """A ``Trainer`` whose checkpoints (and ``save_model``) hold the MSPLoRA adapter only: ``adapter_config.json``
     and ``adapter_model.safetensors`` with every shared tensor once, beside the optimizer, scheduler, RNG and
     trainer state the ``Trainer`` writes. ``train(resume_from_checkpoint=...)`` and ``load_best_model_at_end``
-    load the adapter back into the model. Under FSDP (``TrainingArguments(fsdp=...)``) it refuses to start:
-    its adapter files are written from whole tensors, which FSDP holds sharded."""
+    load the adapter back into the model.
+
+    FSDP: FSDP2 only (``TrainingArguments(fsdp=True, fsdp_config={"fsdp_version": 2, ...})``), which Accelerate
+    applies to the wrapped layers, then the root, so the root owns ``msplora_bank``. Adapter files are then
+    written from full tensors gathered on all ranks (:func:`save_sharded_adapter`), never from one rank's shard,
+    and the sharded model (the frozen base) is not written into every checkpoint; resuming gives each rank its
+    shard again (:func:`load_sharded_adapter`) and the optimizer state through Accelerate. FSDP1 is refused,
+    and so is ``fsdp`` where Accelerate would not run it (on the CPU it silently trains with DDP instead)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if self.is_fsdp_enabled or self.args.fsdp:  # args too: a second Trainer shares the first one's state
+        if self.args.fsdp and not self.is_fsdp_enabled:
             raise ValueError(
-                "MSPLoraTrainer does not support FSDP: its adapter checkpoints are written from whole tensors, "
-                "which FSDP keeps sharded. Train with DDP, or shard with torch.distributed.fsdp.fully_shard "
-                "(decoder layers, then the root) in your own training loop"
+                "TrainingArguments(fsdp=...) is set, but Accelerate did not enable FSDP (it runs FSDP on GPUs and "
+                "other accelerators only; with use_cpu=True or on a CPU-only machine it would silently train with "
+                "DDP). Drop fsdp to train with DDP, or run on accelerators"
             )
+        if self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+            raise ValueError(
+                "MSPLoraTrainer supports FSDP2 only: FSDP1 flattens parameters per wrapped unit, which breaks the "
+                "layers' references to the shared branches. Set fsdp_config={'fsdp_version': 2, ...}"
+            )
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        if not self.is_fsdp_enabled and not is_sharded(self.model):
+            return super().save_model(output_dir, _internal_call)
+        # Under FSDP2 every rank takes part in gathering the full adapter tensors; the main process writes.
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        save_sharded_adapter(self.model, output_dir, is_main_process=self.args.should_save)
+        if self.args.should_save:
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # The Trainer would also write the whole sharded model (the frozen base) here, for resuming; the
+        # adapter file written by save_model is all that resuming needs, so that write is skipped.
+        import transformers.trainer as hf_trainer
+
+        save_fsdp_model = hf_trainer.save_fsdp_model
+        hf_trainer.save_fsdp_model = lambda *args, **kwargs: None
+        try:
+            super()._save_optimizer_and_scheduler(output_dir)
+        finally:
+            hf_trainer.save_fsdp_model = save_fsdp_model
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -181,7 +269,15 @@ class MSPLoraTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
         if not os.path.isfile(os.path.join(resume_from_checkpoint, WEIGHTS_NAME)):
             raise ValueError(f"no MSPLoRA adapter ({WEIGHTS_NAME}) in checkpoint {resume_from_checkpoint}")
-        load_adapter(unwrap_model(model if model is not None else self.model), resume_from_checkpoint, is_trainable=True)
+        self._load_adapter(model if model is not None else self.model, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
-        load_adapter(unwrap_model(self.model), self.state.best_model_checkpoint, is_trainable=True)
+        self._load_adapter(self.model, self.state.best_model_checkpoint)
+
+    @staticmethod
+    def _load_adapter(model: nn.Module, directory: str) -> None:
+        model = unwrap_model(model)
+        if is_sharded(model):
+            load_sharded_adapter(model, directory)
+        else:
+            load_adapter(model, directory, is_trainable=True)

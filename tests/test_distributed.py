@@ -2,8 +2,13 @@
 root) give the same gradients and adapter values as one process on the same global batch, across staged
 training's stage boundaries; all ranks end with identical adapters; FSDP2 with bf16 parameters computes what
 one process computes with the same bf16 casting and fp32 reduction. The Hugging Face ``Trainer`` under DDP runs ``StagedTrainingCallback`` with frozen scales left
-bit-identical, and ``MSPLoraTrainer`` refuses FSDP. Sharding the bank on its own is refused with an error that
-says what to do."""
+bit-identical. Sharding the bank on its own, or the decoder layers without the root, is refused with an error
+that says what to do.
+
+``MSPLoraTrainer`` under FSDP2: Accelerate runs FSDP only on accelerators (on the CPU it trains with DDP, so
+``fsdp=...`` with ``use_cpu=True`` is refused), so the Trainer's FSDP2 code path is tested by hand on a model
+sharded as Accelerate shards it (decoder layers, embedding, tail, then the root): its checkpoint holds the full
+tensors a single process trains (never one rank's shard) and loading it gives every rank its shard back."""
 import datetime
 import faulthandler
 import os
@@ -235,10 +240,95 @@ def _trainer_with_stages(rank, output_dir):
     with pytest.raises(ValueError, match="needs ddp_find_unused_parameters=True"):
         refused.train()
 
-    with pytest.raises(ValueError, match="MSPLoraTrainer does not support FSDP"):
-        msplora.MSPLoraTrainer(model=tiny_llama(), args=tf.TrainingArguments(**args, fsdp=True),
-                               train_dataset=_TokenDataset())
+    with pytest.raises(ValueError, match="Accelerate did not enable FSDP"):
+        msplora.MSPLoraTrainer(model=tiny_llama(), args=tf.TrainingArguments(
+            **args, fsdp=True, fsdp_config={"fsdp_version": 2}), train_dataset=_TokenDataset())
 
 
 def test_trainer_under_ddp_trains_in_stages(tmp_path):
     run_on_two_processes(_trainer_with_stages, str(tmp_path), init_group=False)
+
+
+def _shard_like_accelerate(model):
+    """What Accelerate's ``fsdp2_prepare_model`` does with a transformer-layer wrap policy: each decoder layer,
+    the input embedding, the tail (final norm and head), then the root (which so owns ``msplora_bank``)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model.model.embed_tokens)
+    fully_shard([model.model.norm, model.lm_head], reshard_after_forward=False)
+    fully_shard(model)
+    return model
+
+
+def _train_two_steps(model, sharded, rank):
+    params = adapter_parameters(model)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=1e-2, weight_decay=0.1)
+    for step in range(2):
+        ids = global_batch(step)
+        if sharded:
+            ids = ids[rank * PER_RANK:(rank + 1) * PER_RANK]
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def _layers_without_root(rank):
+    from torch.distributed.fsdp import fully_shard
+
+    model = tiny_llama()
+    for layer in model.model.layers:
+        fully_shard(layer)
+    ids = global_batch(0)[:PER_RANK]
+    with pytest.raises(RuntimeError, match=r"Shard the root model too.*fully_shard\(model\)"):
+        model(input_ids=ids, labels=ids)
+
+
+def _trainer_fsdp2_checkpoint(rank, output_dir):
+    from safetensors.torch import load_file
+
+    reference, model = tiny_llama(), _shard_like_accelerate(tiny_llama())
+    _train_two_steps(reference, False, rank)
+    _train_two_steps(model, True, rank)
+    args = tf.TrainingArguments(output_dir=output_dir, use_cpu=True, report_to=[], disable_tqdm=True,
+                                ddp_timeout=COLLECTIVE_TIMEOUT_S)
+    trainer = msplora.MSPLoraTrainer(model=model, args=args)
+    assert msplora.training.is_sharded(trainer.model)
+    checkpoint = os.path.join(output_dir, "checkpoint-2")
+    trainer.save_model(checkpoint)
+    dist.barrier()
+    saved = load_file(os.path.join(checkpoint, "adapter_model.safetensors"))
+    expected = adapter_parameters(reference)
+    assert saved.keys() == expected.keys()
+    for key, value in saved.items():  # whole tensors, equal to what one process trained, on every rank's view
+        assert value.shape == expected[key].shape, f"{key}: saved a shard {tuple(value.shape)}"
+        torch.testing.assert_close(value, expected[key].detach(), rtol=1e-5, atol=1e-6, msg=key)
+
+    fresh = tiny_llama()
+    with torch.no_grad():
+        for p in adapter_parameters(fresh).values():
+            p.zero_()
+    fresh = _shard_like_accelerate(fresh)
+    resumed = msplora.MSPLoraTrainer(model=fresh, args=args)
+    resumed._load_from_checkpoint(checkpoint)
+    for key, p in adapter_parameters(fresh).items():
+        assert type(p).__name__ == "DTensor", f"{key} is no longer sharded"
+        assert torch.equal(full(p).detach(), saved[key]), key
+    ids = global_batch(7)
+    local = ids[rank * PER_RANK:(rank + 1) * PER_RANK]
+    fresh(input_ids=local, labels=local).loss.backward()
+    reference(input_ids=ids, labels=ids).loss.backward()
+    for key, p in adapter_parameters(fresh).items():
+        torch.testing.assert_close(full(p.grad), expected[key].grad, rtol=1e-5, atol=1e-6, msg=f"resumed {key}")
+
+
+def _fsdp2_trainer_checks(rank, output_dir):
+    _layers_without_root(rank)
+    _trainer_fsdp2_checkpoint(rank, output_dir)
+
+
+def test_fsdp2_trainer_checkpoints_hold_full_tensors_and_layers_without_root_are_refused(tmp_path):
+    """One pair of processes: FSDP2 on the decoder layers without the root raises at the first forward with
+    the fix; MSPLoraTrainer's FSDP2 checkpoint holds full tensors and loads back shard by shard."""
+    run_on_two_processes(_fsdp2_trainer_checks, str(tmp_path))
