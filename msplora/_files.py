@@ -19,6 +19,9 @@ def atomic_directory(directory: str) -> Iterator[str]:
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700; the folder must read like one made by mkdir
     try:
         yield staging
         if not os.path.exists(directory):

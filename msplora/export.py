@@ -108,7 +108,8 @@ def export_peft(
     for name in saved:
         saved_modules.add(name.rpartition(".")[2])
         # PEFT keeps these in full under their own names (its wrapper's prefix is dropped in the file).
-        for pname, p in model.get_submodule(name).named_parameters():
+        # every name of a shared parameter (RoBERTa's lm_head.bias is lm_head.decoder.bias): PEFT loads by name
+        for pname, p in model.get_submodule(name).named_parameters(remove_duplicate=False):
             tensors[f"{PEFT_PREFIX}{name}.{pname}"] = p.detach()
     modules_to_save = [n for n in modules_to_save if n in (config.modules_to_save or []) or n in saved_modules]
     modules_to_save += sorted(n for n in saved_modules if n not in modules_to_save)
@@ -146,7 +147,9 @@ def _tied_partners(model: nn.Module, saved) -> list:
     """Modules outside ``saved`` that share a parameter with a module in it (an input embedding tied to a saved
     ``lm_head``). Training the saved module trained them too, but PEFT copies each module it saves, so an
     export exact in PEFT must save them as well."""
-    inside = lambda n: any(n == s or n.startswith(s + ".") for s in saved)  # noqa: E731
+    def related(n: str) -> bool:  # a saved module, inside one, or an ancestor of one (BERT's predictions.bias)
+        return any(n == s or n.startswith(s + ".") or s.startswith(n + ".") or not n for s in saved)
+
     holders: Dict[int, list] = {}
     for mname, module in model.named_modules(remove_duplicate=False):
         for p in module.parameters(recurse=False):
@@ -154,5 +157,5 @@ def _tied_partners(model: nn.Module, saved) -> list:
     partners = []
     for name in saved:
         for p in model.get_submodule(name).parameters():
-            partners += [m for m in holders.get(id(p), []) if not inside(m) and m not in partners]
+            partners += [m for m in holders.get(id(p), []) if not related(m) and m not in partners]
     return partners

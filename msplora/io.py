@@ -18,7 +18,16 @@ from safetensors.torch import load_file, save_file
 
 from ._files import atomic_directory
 from .config import MSPLoraConfig
-from .model import _matches, apply_msplora, get_bank, has_msplora, msplora_layers, unload, unwrap_model
+from .model import (
+    _matches,
+    apply_msplora,
+    check_not_data_parallel,
+    get_bank,
+    has_msplora,
+    msplora_layers,
+    unload,
+    unwrap_model,
+)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -109,6 +118,8 @@ def load_adapter(
         config = dataclasses.replace(config, backend=backend or "auto")  # validates the name
     path = os.path.join(directory, WEIGHTS_NAME)
     found = _read_weights(path)
+    if not has_msplora(model):
+        check_not_data_parallel(model, "load_adapter into a model without adapters")
     wrapper, model = model, unwrap_model(model)
     applied_here = not has_msplora(model)
     if not applied_here:
@@ -133,9 +144,11 @@ def load_adapter(
             param.copy_(found[key])
     for layer in merged:
         layer.merge()
-    if backend is not None:
-        for _, layer in msplora_layers(model):
+    for _, layer in msplora_layers(model):
+        layer.dropout = config.dropout  # the saved adapter's dropout, as PEFT takes lora_dropout from the file
+        if backend is not None:
             layer.backend = config.backend
+    get_bank(model).config.dropout = config.dropout
     for param in expected.values():
         param.requires_grad_(bool(is_trainable))
     if not is_trainable:

@@ -45,29 +45,53 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def check_not_data_parallel(model: nn.Module, what: str) -> None:
+    """Adding adapters inside DDP/DataParallel is refused: DDP fixes the parameters it all-reduces when it wraps
+    the model, so new adapters would train apart on every rank."""
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        raise ValueError(
+            f"{what} would add adapters inside a {type(model).__name__} wrapper, which has already registered the "
+            "parameters it synchronises (DDP would never average the new adapters' gradients). Add MSPLoRA to "
+            "the bare model first, then wrap it"
+        )
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside this package."""
+    import sys
+
+    package = __name__.rpartition(".")[0]
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(package + "."):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 # ---------------------------------------------------------------------------------------------- matching
 def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def block_lists(model: nn.Module) -> Dict[str, int]:
-    """The repeated block lists, name -> length: ``nn.ModuleList``/``nn.Sequential`` modules whose children all
-    have the same class (``""`` for the model itself when it is one)."""
+    """The repeated block lists, name -> length: every non-empty ``nn.ModuleList`` (hybrid decoders such as
+    Jamba mix layer classes in theirs), and each ``nn.Sequential`` of two or more children of one class (a
+    wrapper such as ``nn.Sequential(model)`` or a sentence-transformers pipeline is not one). ``""`` stands
+    for the model itself when it is one."""
     out = {}
     for name, module in model.named_modules():
-        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > 0:
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            out[name] = len(module)
+        elif isinstance(module, nn.Sequential) and len(module) > 1:
             if len({type(child) for child in module.children()}) == 1:
                 out[name] = len(module)
     return out
 
 
 def block_positions(name: str, lists: Dict[str, int]) -> List[int]:
-    """The path positions of ``name`` that index a repeated block list: lists of several blocks outermost
-    first, then lists of one (a wrapper such as ``nn.Sequential(model)`` is no block list while a real one
-    is on the path; a one-layer model still has its layer index)."""
+    """The path positions of ``name`` that index a repeated block list, outermost first (the last position
+    too: a list of linear layers is a stack of one-layer blocks)."""
     parts = name.split(".")
-    found = [i for i in range(len(parts) - 1) if parts[i].isdigit() and ".".join(parts[:i]) in lists]
-    return sorted(found, key=lambda i: (lists[".".join(parts[:i])] < 2, i))
+    return [i for i in range(len(parts)) if parts[i].isdigit() and ".".join(parts[:i]) in lists]
 
 
 def _starred(name: str, position: int) -> Tuple[int, str]:
@@ -230,11 +254,7 @@ def apply_msplora(model: nn.Module, config: MSPLoraConfig) -> nn.Module:
     """
     if not isinstance(config, MSPLoraConfig):
         raise TypeError(f"config must be an MSPLoraConfig, got {type(config).__name__}")
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        raise ValueError(
-            "apply_msplora on a model already wrapped by DDP/DataParallel: the wrapper has fixed the parameters it "
-            "reduces. Apply MSPLoRA to the bare model first, then wrap it"
-        )
+    check_not_data_parallel(model, "apply_msplora")
     wrapper, model = model, unwrap_model(model)
     if has_msplora(model):
         raise ValueError("the model already has MSPLoRA adapters; call msplora.unload(model) before applying again")
@@ -287,13 +307,12 @@ def apply_msplora(model: nn.Module, config: MSPLoraConfig) -> nn.Module:
     for name, layer in replacements:
         _set_submodule(model, name, layer)
     model.add_module(BANK_NAME, bank.train(model.training))
-    if callable(getattr(model, "save_pretrained", None)):
-        model.save_pretrained = _RefuseSavePretrained()
+    _guard_save_pretrained(model)
     for name, module in model.named_modules():
         if config.modules_to_save and _matches(name, config.modules_to_save):
             for p in module.parameters():
                 p.requires_grad_(True)
-    return model
+    return wrapper
 
 
 def assign_sites(model: nn.Module, targets: Sequence[Tuple[str, nn.Module]]):
@@ -355,8 +374,24 @@ def _warn_lonely_sites(by_site) -> None:
             f"{len(lonely)} site(s) have a single layer while others have up to {most}: {lonely[:3]}. They share "
             "nothing (global and mid branches of their own). Expected for a lone module such as a head; otherwise "
             "the module is outside the model's repeated block list",
-            stacklevel=3,
+            stacklevel=_user_stacklevel(),
         )
+
+
+def _guard_save_pretrained(model: nn.Module) -> None:
+    """Every module with a ``save_pretrained`` that holds adapted layers (the model, and e.g. ``model.model``
+    or a sentence-transformers ``auto_model``) gets the refusing stand-in; :func:`unload` removes them."""
+    for module in model.modules():
+        if callable(getattr(module, "save_pretrained", None)) and any(
+            isinstance(m, MSPLoraLinear) for m in module.modules()
+        ):
+            module.save_pretrained = _RefuseSavePretrained()
+
+
+def _unguard_save_pretrained(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module.__dict__.get("save_pretrained"), _RefuseSavePretrained):
+            del module.__dict__["save_pretrained"]
 
 
 class _RefuseSavePretrained:
@@ -402,8 +437,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
             layer.unmerge()
         _set_submodule(inner, name, layer.base_layer)
     delattr(inner, BANK_NAME)
-    if isinstance(inner.__dict__.get("save_pretrained"), _RefuseSavePretrained):
-        del inner.__dict__["save_pretrained"]
+    _unguard_save_pretrained(inner)
     return model
 
 
@@ -450,7 +484,12 @@ def set_trainable_scales(model: nn.Module, scales: Union[str, Iterable[str]]) ->
     before wrapping, or wrap with ``find_unused_parameters=True`` (Trainer: ``ddp_find_unused_parameters=True``)
     so that frozen scales are skipped; their ``.grad`` then stays ``None`` and optimizers leave them alone.
     """
-    scales = {scales} if isinstance(scales, str) else set(scales)
+    if isinstance(scales, str):
+        scales = {scales}
+    elif isinstance(scales, Iterable):
+        scales = set(scales)
+    else:
+        raise ValueError(f"scales must be a scale name or a collection of them, from {SCALES}; got {scales!r}")
     unknown = scales - set(SCALES)
     if unknown:
         raise ValueError(f"unknown scales {sorted(unknown)}; choose from {SCALES}")

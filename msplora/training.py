@@ -116,8 +116,8 @@ class StagedTrainingCallback(TrainerCallback):
         if empty:
             raise ValueError(
                 f"StagedTrainingCallback: {max_steps} optimizer step(s) give the stages {lengths} steps, so the "
-                f"{'/'.join(empty)} stage(s) would never train. Train for at least {len(starts)} steps "
-                "(max_steps, or more epochs/data), or change fractions"
+                f"{'/'.join(empty)} stage(s) would never train. Give every stage at least one step: more "
+                "optimizer steps (max_steps, epochs or data) or larger fractions for those stages"
             )
 
     @staticmethod

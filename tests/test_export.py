@@ -211,3 +211,23 @@ def test_a_failed_export_leaves_no_folder_and_an_existing_one_untouched(tmp_path
     with pytest.raises(OSError, match="disk full"):
         msplora.export_peft(adapted, str(tmp_path / "old"))
     assert os.listdir(tmp_path) == ["old"] and (tmp_path / "old" / "adapter_config.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("arch,saved", [("roberta", ["lm_head"]), ("bert", ["decoder"])])
+def test_a_masked_lm_head_with_shared_biases_exports_exactly(tmp_path, arch, saved):
+    common = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                  max_position_embeddings=40, pad_token_id=1)
+    build = (lambda: tf.RobertaForMaskedLM(tf.RobertaConfig(**common))) if arch == "roberta" else (
+        lambda: tf.BertForMaskedLM(tf.BertConfig(**common)))
+    torch.manual_seed(0)
+    base, adapted = build().eval(), build().eval()
+    adapted.load_state_dict(base.state_dict())
+    msplora.apply_msplora(adapted, MSPLoraConfig(target_modules=["query", "value"], ranks=(2, 1, 1),
+                                                 init_weights=False, modules_to_save=saved))
+    with torch.no_grad():
+        for p in adapted.get_submodule("lm_head" if arch == "roberta" else "cls.predictions.decoder").parameters():
+            p.add_(torch.randn_like(p))
+    written = msplora.export_peft(adapted, str(tmp_path))
+    assert "predictions" not in written["modules_to_save"]  # never an ancestor of a saved module
+    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    torch.testing.assert_close(logits(loaded, IDS), logits(adapted, IDS), rtol=1e-4, atol=1e-4)

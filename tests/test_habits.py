@@ -138,11 +138,21 @@ def test_every_public_function_accepts_a_wrapped_model(tmp_path, wrap, request):
     assert len(list(msplora.msplora_layers(wrapped))) == 8
 
 
-def test_apply_to_a_ddp_wrapped_model_is_refused(ddp_group):
+def test_adding_adapters_inside_ddp_is_refused(ddp_group, tmp_path):
+    msplora.save_adapter(adapted(), str(tmp_path))
     torch.manual_seed(0)
-    wrapped = nn.parallel.DistributedDataParallel(llama(num_layers=2))
-    with pytest.raises(ValueError, match="Apply MSPLoRA to the bare model first"):
+    wrapped = nn.parallel.DistributedDataParallel(llama(num_layers=4))
+    with pytest.raises(ValueError, match="Add MSPLoRA to the bare model first"):
         msplora.apply_msplora(wrapped, MSPLoraConfig(target_modules=TARGETS))
+    with pytest.raises(ValueError, match="never average the new adapters"):
+        msplora.load_adapter(wrapped, str(tmp_path), is_trainable=True)
+    assert not msplora.model.has_msplora(wrapped)
+
+
+def test_apply_returns_the_object_it_was_given():
+    torch.manual_seed(0)
+    compiled = torch.compile(llama(num_layers=2))
+    assert msplora.apply_msplora(compiled, MSPLoraConfig(target_modules=TARGETS)) is compiled
 
 
 # ------------------------------------------------------------------------------- 5: the layer index
@@ -156,7 +166,7 @@ class SentenceTransformerLike(nn.Sequential):
 
 
 @pytest.mark.parametrize("wrap", [lambda m: nn.Sequential(m), SentenceTransformerLike,
-                                  lambda m: nn.ModuleDict({"encoder": nn.ModuleList([m])})],
+                                  lambda m: nn.ModuleDict({"encoder": nn.ModuleDict({"bert": m})})],
                          ids=["sequential", "sentence-transformers", "nested-containers"])
 def test_wrapped_models_keep_their_sharing(wrap):
     torch.manual_seed(0)
@@ -196,6 +206,50 @@ def test_stages_of_equal_width_share_one_site_across_stages():
                                                           "stages.*.blocks.2.proj"]
 
 
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(8, 8)
+
+
+class Mixer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.in_proj = nn.Linear(8, 16)
+
+
+class Experts(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.experts = nn.ModuleList([nn.ModuleDict({"up": nn.Linear(8, 8)}) for _ in range(n)])
+
+
+def sites(model, targets):
+    msplora.apply_msplora(model, MSPLoraConfig(target_modules=targets))
+    return list(msplora.model.get_bank(model).sites)
+
+
+def test_hybrid_layer_lists_stacks_of_linears_and_one_layer_models_keep_the_first_integer_rule():
+    # a hybrid decoder (Jamba: attention and mamba layers in one list)
+    assert sites(nn.ModuleDict({"layers": nn.ModuleList([Mixer(), Attention(), Mixer(), Attention()])}),
+                 ["q_proj"]) == ["layers.*.q_proj"]
+    # a stack whose blocks are the linear layers themselves
+    stack = nn.ModuleDict({"layers": nn.ModuleList([nn.Linear(8, 8) for _ in range(6)])})
+    assert sites(stack, r"layers\.\d+") == ["layers.*"]
+    assert len(msplora.model.get_bank(stack).sites["layers.*"]["layers"]) == 6
+    # a one-layer model whose layer holds a list of experts: the layer list, not the experts, is indexed
+    assert sites(nn.ModuleDict({"layers": nn.ModuleList([Experts(3)])}), ["up"]) == [
+        f"layers.*.experts.{k}.up" for k in range(3)]
+    # and a wrapper (nn.Sequential of one model) changes nothing
+    assert sites(nn.Sequential(nn.ModuleDict({"layers": nn.ModuleList([Experts(2)])})), ["up"]) == [
+        f"0.layers.*.experts.{k}.up" for k in range(2)]
+
+
+def test_all_linear_selects_the_linears_of_hybrid_layer_lists():
+    model = nn.ModuleDict({"layers": nn.ModuleList([Mixer(), Attention(), Mixer(), Attention()])})
+    assert sites(model, "all-linear") == ["layers.*.in_proj", "layers.*.q_proj"]
+
+
 def test_a_site_with_one_layer_beside_many_is_warned_about():
     torch.manual_seed(0)
     model = llama(num_layers=4)
@@ -210,12 +264,15 @@ def test_save_pretrained_of_an_adapted_model_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"msplora\.save_adapter.*unload\(model, merge=True\)"):
         model.save_pretrained(str(tmp_path / "x"))
     assert not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match=r"msplora\.save_adapter"):  # the inner model holds the adapters too
+        model.model.save_pretrained(str(tmp_path / "inner"))
     import copy
     import pickle
 
     pickle.loads(pickle.dumps(model))  # the stand-in keeps the model picklable and copyable
     copy.deepcopy(model)
     plain = msplora.unload(model, merge=True)
+    plain.model.save_pretrained(str(tmp_path / "inner"))
     plain.save_pretrained(str(tmp_path / "merged"))
     reloaded = tf.LlamaForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
     with torch.no_grad():
@@ -256,6 +313,22 @@ def test_changing_the_config_after_apply_does_not_change_the_saved_adapter(tmp_p
     config.alphas = (1.0, 1.0, 1.0)
     msplora.save_adapter(model, str(tmp_path))
     assert MSPLoraConfig.from_pretrained(str(tmp_path)).alphas == (16.0, 16.0, 16.0)
+
+
+def test_saved_folders_have_the_permissions_of_mkdir(tmp_path):
+    msplora.save_adapter(adapted(), str(tmp_path / "adapter"))
+    os.mkdir(tmp_path / "plain")
+    assert os.stat(tmp_path / "adapter").st_mode == os.stat(tmp_path / "plain").st_mode
+
+
+def test_load_adapter_takes_the_saved_dropout_and_bad_scales_are_named(tmp_path):
+    msplora.save_adapter(adapted(dropout=0.3), str(tmp_path))
+    model = adapted(dropout=0.0)
+    msplora.load_adapter(model, str(tmp_path))
+    assert all(layer.dropout == 0.3 for _, layer in msplora.msplora_layers(model))
+    for bad in (None, 3):
+        with pytest.raises(ValueError, match="scales must be"):
+            msplora.set_trainable_scales(model, bad)
 
 
 def test_a_failed_save_leaves_no_folder(tmp_path, monkeypatch):
