@@ -297,6 +297,14 @@ class MSPLoraLinear(nn.Module):
         if self.calls_base_layer(x):
             # The one dispatch place for non-plain bases (quantised, hooked, offloaded, meta); a fused
             # dequantise-GEMM-plus-low-rank kernel for 4-bit bases would replace these two lines.
+            if x.device.type != "meta" and any(t.device.type == "meta" for a, b, _ in branches for t in (a, b)):
+                raise RuntimeError(
+                    "MSPLoRA adapter weights are on the meta device while the input is on "
+                    f"{x.device}: the adapters were offloaded (accelerate.cpu_offload, dispatch_model or a "
+                    "device_map applied after apply_msplora), and their modules are never called, so no hook "
+                    "loads them. Offload the base model first, then apply_msplora: adapters are then made on "
+                    "the execution device"
+                )
             y = self.base_layer(x)
             return y + lowrank_term(x, branches, self.dropout, self.training).to(y.dtype)
         weight, bias = self.base_weight_and_bias()
