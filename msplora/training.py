@@ -18,6 +18,7 @@ callback raises an error if ``ddp_find_unused_parameters=False`` was chosen. Pla
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Dict, List, Optional, Sequence
@@ -29,7 +30,7 @@ from transformers.training_args import ParallelMode
 
 from .config import SCALES
 from .io import WEIGHTS_NAME, _check_state, _read_weights, adapter_parameters, load_adapter, save_adapter
-from .model import get_bank, scale_parameters, set_trainable_scales
+from .model import get_bank, has_msplora, scale_parameters, set_trainable_scales
 
 TRAINING_ARGS_NAME = "training_args.bin"
 
@@ -201,6 +202,23 @@ def load_sharded_adapter(model: nn.Module, directory: str) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def _adapters_declared_to_transformers(model: Optional[nn.Module]):
+    """The ``Trainer`` refuses a quantised model without PEFT adapters ("You cannot perform fine-tuning on purely
+    quantized models"), knowing nothing of MSPLoRA's. While it checks, a quantised model with MSPLoRA adapters
+    carries the flag transformers sets for adapters it loaded itself (``_hf_peft_config_loaded``)."""
+    inner = unwrap_model(model) if isinstance(model, nn.Module) else None
+    declare = (inner is not None and getattr(inner, "is_quantized", False) and has_msplora(inner)
+               and not getattr(inner, "_hf_peft_config_loaded", False))
+    if declare:
+        inner._hf_peft_config_loaded = True
+    try:
+        yield
+    finally:
+        if declare:
+            inner._hf_peft_config_loaded = False
+
+
 class MSPLoraTrainer(Trainer):
     """A ``Trainer`` whose checkpoints (and ``save_model``) hold the MSPLoRA adapter only: ``adapter_config.json``
     and ``adapter_model.safetensors`` with every shared tensor once, beside the optimizer, scheduler, RNG and
@@ -215,7 +233,8 @@ class MSPLoraTrainer(Trainer):
     and so is ``fsdp`` where Accelerate would not run it (on the CPU it silently trains with DDP instead)."""
 
     def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+        with _adapters_declared_to_transformers(kwargs.get("model", args[0] if args else None)):
+            super().__init__(*args, **kwargs)
         if self.args.fsdp and not self.is_fsdp_enabled:
             raise ValueError(
                 "TrainingArguments(fsdp=...) is set, but Accelerate did not enable FSDP (it runs FSDP on GPUs and "
