@@ -114,7 +114,7 @@ def measure_one(directory: str, base: str, device: str, steps: int, batch: int, 
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
     if device == "cuda":
         torch.cuda.synchronize()
         training = (torch.cuda.max_memory_allocated() - start) / 2**20
