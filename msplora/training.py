@@ -28,8 +28,9 @@ import torch.nn as nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.training_args import ParallelMode
 
-from .config import SCALES
-from .io import WEIGHTS_NAME, _check_state, _read_weights, adapter_parameters, load_adapter, save_adapter
+from .config import SCALES, MSPLoraConfig
+from .io import (WEIGHTS_NAME, _check_scalings, _check_state, _read_weights, adapter_parameters, load_adapter,
+                 save_adapter)
 from .model import get_bank, has_msplora, scale_parameters, set_trainable_scales
 
 TRAINING_ARGS_NAME = "training_args.bin"
@@ -185,20 +186,23 @@ def save_sharded_adapter(model: nn.Module, directory: str, is_main_process: bool
 @torch.no_grad()
 def load_sharded_adapter(model: nn.Module, directory: str) -> nn.Module:
     """Load a saved adapter into a model whose adapters FSDP2 shards: every rank reads the full tensors and
-    keeps its own shard (``distribute_tensor`` without communication). Keys and shapes are checked first,
-    as :func:`msplora.load_adapter` does; plain (unsharded) parameters are copied whole."""
+    keeps its own shard (``distribute_tensor`` without communication). Scalings, keys and shapes are checked
+    before anything is copied, as :func:`msplora.load_adapter` does; plain (unsharded) parameters are copied
+    whole."""
     from torch.distributed.tensor import distribute_tensor
 
     model = unwrap_model(model)
+    _check_scalings(get_bank(model).config, MSPLoraConfig.from_pretrained(directory), directory)
     path = os.path.join(directory, WEIGHTS_NAME)
     found = _read_weights(path)
     expected = adapter_parameters(model)
     _check_state(expected, found, path)
     for key, p in expected.items():
-        full = found[key].to(dtype=p.dtype)
         if _is_dtensor(p):
-            full = distribute_tensor(full.to(p.to_local().device), p.device_mesh, p.placements, src_data_rank=None)
-        p.copy_(full.to(p.device) if not _is_dtensor(full) else full)
+            local = found[key].to(device=p.to_local().device, dtype=p.dtype)
+            p.copy_(distribute_tensor(local, p.device_mesh, p.placements, src_data_rank=None))
+        else:
+            p.copy_(found[key].to(device=p.device, dtype=p.dtype))
     return model
 
 
