@@ -218,9 +218,9 @@ class MSPLoraLinear(nn.Module):
     """``base_layer(x) + sum over (global, mid, layer) of scaling_s * (drop_s(x) A_s^T) B_s^T``.
 
     ``base_layer`` (an ``nn.Linear``, ``Conv1D`` or bitsandbytes 4-/8-bit linear layer) is frozen and kept as
-    is; ``forward`` either runs the fused op on its weight or calls it (see the module docstring). ``layer_branch`` is owned by this
-    module; ``global_branch`` and ``mid_branch`` are only referenced (see the module docstring). Any branch
-    may be ``None`` (a disabled scale).
+    is; ``forward`` either runs the fused op on its weight or calls it (see the module docstring).
+    ``layer_branch`` is owned by this module; ``global_branch`` and ``mid_branch`` are only referenced (see the
+    module docstring). Any branch may be ``None`` (a disabled scale).
     """
 
     def __init__(

@@ -186,7 +186,8 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
         if cb is None:
             cb = weight.data
         if scb is None:
-            raise RuntimeError(f"{type(module).__name__} has no int8 scales (SCB): was it quantised (moved to a device)?")
+            raise RuntimeError(
+                f"{type(module).__name__} has no int8 scales (SCB): was it quantised (moved to a device)?")
         return cb.float() * (scb.float().view(-1, 1) / 127.0)
     return weight.detach().float()
 
