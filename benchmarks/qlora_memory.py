@@ -114,7 +114,7 @@ def measure_one(directory: str, base: str, device: str, steps: int, batch: int, 
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
     if device == "cuda":
         torch.cuda.synchronize()
         training = (torch.cuda.max_memory_allocated() - start) / 2**20
@@ -143,7 +143,8 @@ def markdown(result: Dict[str, object]) -> str:
     rows: List[Dict[str, float]] = result["rows"]
     by = {r["base"]: r for r in rows}
     lines = [
-        f"QLoRA memory, size `{result['size']}` ({_shape_text(result['shape'])}), batch {result['batch']} x {result['seq']} "
+        f"QLoRA memory, size `{result['size']}` ({_shape_text(result['shape'])}), "
+        f"batch {result['batch']} x {result['seq']} "
         f"tokens, {result['steps']} AdamW steps, MSPLoRA 8/4/2 on {len(TARGETS)} projections per layer, "
         f"gradient checkpointing; {result['device']}, commit {result['commit']}, {result['date']}, "
         f"load average {result['loadavg']}.",
@@ -153,7 +154,8 @@ def markdown(result: Dict[str, object]) -> str:
         "|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['base']} | {r['weights_mb']:.1f} | {r['training_mb']:.1f} | {r['peak_train_mb']:.1f} | {r['all_params']:,} | "
+        lines.append(f"| {r['base']} | {r['weights_mb']:.1f} | {r['training_mb']:.1f} | {r['peak_train_mb']:.1f} | "
+                     f"{r['all_params']:,} | "
                      f"{r['adapter_params']:,} | {r['first_loss']:.3f} -> {r['last_loss']:.3f} |")
     if set(BASES) <= set(by):
         lines += ["", f"4-bit / 16-bit: weights {by['nf4']['weights_mb'] / by['bf16']['weights_mb']:.2f}x, "

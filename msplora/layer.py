@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-
 import torch.nn.functional as F
 
 from msplora_kernels import msplora_linear
@@ -129,27 +129,31 @@ def linear_features(module: nn.Module) -> Tuple[int, int]:
     raise TypeError(f"MSPLoRA adapts nn.Linear and transformers Conv1D layers, got {type(module).__name__}")
 
 
-_FSDP_CACHE: dict = {"key": None, "managed": frozenset()}
+_FSDP_CACHE: dict = {"states": -1, "roots": [], "managed": frozenset()}
 
 
 def _fsdp_managed_modules() -> frozenset:
-    """ids of every module inside a module passed to FSDP2's ``fully_shard``, recomputed when those change."""
+    """ids of every module inside a module passed to FSDP2's ``fully_shard``; recomputed when the number of
+    composable-API states (one per ``fully_shard`` call, weakly held) changes or one of those modules is gone
+    (so that a freed module's id, which Python reuses, never stays in the set)."""
     try:
         from torch.distributed._composable_state import _module_state_mapping
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - torch builds without distributed
         return frozenset()
-    roots = [m for m in list(_module_state_mapping.keys()) if isinstance(m, FSDPModule)]
-    key = tuple(sorted(id(m) for m in roots))
-    if key != _FSDP_CACHE["key"]:
-        _FSDP_CACHE["key"], _FSDP_CACHE["managed"] = key, frozenset(id(s) for m in roots for s in m.modules())
+    if len(_module_state_mapping) != _FSDP_CACHE["states"] or any(r() is None for r in _FSDP_CACHE["roots"]):
+        roots = [m for m in list(_module_state_mapping.keys()) if isinstance(m, FSDPModule)]
+        _FSDP_CACHE["states"] = len(_module_state_mapping)
+        _FSDP_CACHE["roots"] = [weakref.ref(m) for m in roots]
+        _FSDP_CACHE["managed"] = frozenset(id(s) for m in roots for s in m.modules())
     return _FSDP_CACHE["managed"]
 
 
 def _check_shared_branches_sharded(layer: "MSPLoraLinear") -> None:
     """Refuse FSDP2 with the decoder layers sharded but not the module owning the shared (global and mid)
     branches (the root, through ``msplora_bank``): each rank would train its own copy of them, their gradients
-    never reduced, silently. Once checked for the current sharding it costs one identity test."""
+    never reduced, silently. Only with a process group of 2 or more ranks; once checked for the current sharding
+it costs a few comparisons per call."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
@@ -214,9 +218,9 @@ class MSPLoraLinear(nn.Module):
     """``base_layer(x) + sum over (global, mid, layer) of scaling_s * (drop_s(x) A_s^T) B_s^T``.
 
     ``base_layer`` (an ``nn.Linear``, ``Conv1D`` or bitsandbytes 4-/8-bit linear layer) is frozen and kept as
-    is; ``forward`` either runs the fused op on its weight or calls it (see the module docstring). ``layer_branch`` is owned by this
-    module; ``global_branch`` and ``mid_branch`` are only referenced (see the module docstring). Any branch
-    may be ``None`` (a disabled scale).
+    is; ``forward`` either runs the fused op on its weight or calls it (see the module docstring).
+    ``layer_branch`` is owned by this module; ``global_branch`` and ``mid_branch`` are only referenced (see the
+    module docstring). Any branch may be ``None`` (a disabled scale).
     """
 
     def __init__(
@@ -297,6 +301,14 @@ class MSPLoraLinear(nn.Module):
         if self.calls_base_layer(x):
             # The one dispatch place for non-plain bases (quantised, hooked, offloaded, meta); a fused
             # dequantise-GEMM-plus-low-rank kernel for 4-bit bases would replace these two lines.
+            if x.device.type != "meta" and any(t.device.type == "meta" for a, b, _ in branches for t in (a, b)):
+                raise RuntimeError(
+                    "MSPLoRA adapter weights are on the meta device while the input is on "
+                    f"{x.device}: the adapters were offloaded (accelerate.cpu_offload, dispatch_model or a "
+                    "device_map applied after apply_msplora), and their modules are never called, so no hook "
+                    "loads them. Offload the base model first, then apply_msplora: adapters are then made on "
+                    "the execution device"
+                )
             y = self.base_layer(x)
             return y + lowrank_term(x, branches, self.dropout, self.training).to(y.dtype)
         weight, bias = self.base_weight_and_bias()

@@ -128,8 +128,8 @@ def find_targets(model: nn.Module, config: MSPLoraConfig) -> List[Tuple[str, nn.
         if not name or name == BANK_NAME or name.startswith(BANK_NAME + "."):
             continue
         if config.target_modules == "all-linear":
-            selected = (is_linear(module) or quant.looks_like_quantised_linear(module)) and bool(
-                block_positions(name, lists))
+            linear = is_linear(module) or quant.looks_like_quantised_linear(module)  # other quantisers: refused below
+            selected = linear and bool(block_positions(name, lists))
         else:
             selected = _matches(name, config.target_modules)
         if selected and config.exclude_modules is not None and _matches(name, config.exclude_modules):

@@ -186,19 +186,26 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
         if cb is None:
             cb = weight.data
         if scb is None:
-            raise RuntimeError(f"{type(module).__name__} has no int8 scales (SCB): was it quantised (moved to a device)?")
+            raise RuntimeError(
+                f"{type(module).__name__} has no int8 scales (SCB): was it quantised (moved to a device)?")
         return cb.float() * (scb.float().view(-1, 1) / 127.0)
     return weight.detach().float()
 
 
-@torch.no_grad()
 def add_to_quantized_weight(module: nn.Module, delta: torch.Tensor) -> None:
     """``W <- Q(deQ(W) + delta)`` for a bitsandbytes layer, with the rounding warning (module docstring).
     ``delta`` is (out, in). The new weight is quantised on the layer's device with the old one's settings."""
+    kind = quantization_kind(module)
+    # stacklevel: here, MSPLoraLinear._add_to_base, .merge/.unmerge, torch.no_grad's wrapper, msplora.merge/
+    # unmerge/unload, and then the user's call
+    warnings.warn(ROUNDING_WARNING.format(kind=kind), UserWarning, stacklevel=6)
+    with torch.no_grad():
+        _requantize(module, delta)
+
+
+def _requantize(module: nn.Module, delta: torch.Tensor) -> None:
     import bitsandbytes as bnb
 
-    kind = quantization_kind(module)
-    warnings.warn(ROUNDING_WARNING.format(kind=kind), UserWarning, stacklevel=5)  # at msplora.merge's caller
     old = module.weight
     device = old.device
     merged = dequantized_weight(module) + delta.to(device=device, dtype=torch.float32)

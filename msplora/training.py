@@ -18,6 +18,7 @@ callback raises an error if ``ddp_find_unused_parameters=False`` was chosen. Pla
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Dict, List, Optional, Sequence
@@ -27,9 +28,10 @@ import torch.nn as nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.training_args import ParallelMode
 
-from .config import SCALES
-from .io import WEIGHTS_NAME, _check_state, _read_weights, adapter_parameters, load_adapter, save_adapter
-from .model import get_bank, scale_parameters, set_trainable_scales, unwrap_model  # noqa: F401 (re-exported)
+from .config import SCALES, MSPLoraConfig
+from .io import (WEIGHTS_NAME, _check_scalings, _check_state, _read_weights, adapter_parameters, load_adapter,
+                 save_adapter)
+from .model import get_bank, has_msplora, scale_parameters, set_trainable_scales, unwrap_model  # noqa: F401
 
 TRAINING_ARGS_NAME = "training_args.bin"
 
@@ -187,21 +189,41 @@ def save_sharded_adapter(model: nn.Module, directory: str, is_main_process: bool
 @torch.no_grad()
 def load_sharded_adapter(model: nn.Module, directory: str) -> nn.Module:
     """Load a saved adapter into a model whose adapters FSDP2 shards: every rank reads the full tensors and
-    keeps its own shard (``distribute_tensor`` without communication). Keys and shapes are checked first,
-    as :func:`msplora.load_adapter` does; plain (unsharded) parameters are copied whole."""
+    keeps its own shard (``distribute_tensor`` without communication). Scalings, keys and shapes are checked
+    before anything is copied, as :func:`msplora.load_adapter` does; plain (unsharded) parameters are copied
+    whole."""
     from torch.distributed.tensor import distribute_tensor
 
     model = unwrap_model(model)
+    _check_scalings(get_bank(model).config, MSPLoraConfig.from_pretrained(directory), directory)
     path = os.path.join(directory, WEIGHTS_NAME)
     found = _read_weights(path)
     expected = adapter_parameters(model)
     _check_state(expected, found, path)
     for key, p in expected.items():
-        full = found[key].to(dtype=p.dtype)
         if _is_dtensor(p):
-            full = distribute_tensor(full.to(p.to_local().device), p.device_mesh, p.placements, src_data_rank=None)
-        p.copy_(full.to(p.device) if not _is_dtensor(full) else full)
+            local = found[key].to(device=p.to_local().device, dtype=p.dtype)
+            p.copy_(distribute_tensor(local, p.device_mesh, p.placements, src_data_rank=None))
+        else:
+            p.copy_(found[key].to(device=p.device, dtype=p.dtype))
     return model
+
+
+@contextlib.contextmanager
+def _adapters_declared_to_transformers(model: Optional[nn.Module]):
+    """The ``Trainer`` refuses a quantised model without PEFT adapters ("You cannot perform fine-tuning on purely
+    quantized models"), knowing nothing of MSPLoRA's. While it checks, a quantised model with MSPLoRA adapters
+    carries the flag transformers sets for adapters it loaded itself (``_hf_peft_config_loaded``)."""
+    inner = unwrap_model(model) if isinstance(model, nn.Module) else None
+    declare = (inner is not None and getattr(inner, "is_quantized", False) and has_msplora(inner)
+               and not getattr(inner, "_hf_peft_config_loaded", False))
+    if declare:
+        inner._hf_peft_config_loaded = True
+    try:
+        yield
+    finally:
+        if declare:
+            inner._hf_peft_config_loaded = False
 
 
 class MSPLoraTrainer(Trainer):
@@ -218,7 +240,8 @@ class MSPLoraTrainer(Trainer):
     and so is ``fsdp`` where Accelerate would not run it (on the CPU it silently trains with DDP instead)."""
 
     def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+        with _adapters_declared_to_transformers(kwargs.get("model", args[0] if args else None)):
+            super().__init__(*args, **kwargs)
         if self.args.fsdp and not self.is_fsdp_enabled:
             raise ValueError(
                 "TrainingArguments(fsdp=...) is set, but Accelerate did not enable FSDP (it runs FSDP on GPUs and "

@@ -157,3 +157,10 @@ def test_offloaded_model_trains_like_the_plain_one(base_model, how, tmp_path, on
     assert offloaded.model.layers[1].self_attn.q_proj.base_layer.weight.device.type == "meta", "offload was undone"
     state = adapter_state_dict(offloaded)
     assert all(t.device.type == "cpu" for t in state.values())
+
+
+def test_offloading_after_apply_is_refused_with_the_fix(base_model):
+    model = msplora.apply_msplora(copy.deepcopy(base_model), CONFIG)
+    accelerate.cpu_offload(model, execution_device="cpu")
+    with pytest.raises(RuntimeError, match="Offload the base model first, then apply_msplora"):
+        model(input_ids=inputs())

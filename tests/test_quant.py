@@ -274,6 +274,32 @@ def test_save_load_and_peft_export_over_the_quantized_base(saved_base, kind, tmp
     torch.testing.assert_close(logits(peft_model, tokens), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_msplora_trainer_trains_over_a_quantized_base(saved_base, tmp_path, one_thread):
+    """The Trainer refuses "purely quantized models" it sees no PEFT adapter on; MSPLoraTrainer declares its own."""
+    model = msplora.apply_msplora(load_quantized(saved_base, "nf4-double"), config())
+
+    class Tokens(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return {"input_ids": ids(i, batch=1)[0], "labels": ids(i, batch=1)[0]}
+
+    with pytest.raises(ValueError, match="purely quantized"):
+        tf.Trainer(model=model, args=tf.TrainingArguments(output_dir=str(tmp_path / "plain"), use_cpu=True,
+                                                          report_to=[]), train_dataset=Tokens())
+    packed = [packed_state(layer.base_layer) for _, layer in msplora.msplora_layers(model)]
+    before = {k: p.detach().clone() for k, p in adapter_parameters(model).items()}
+    args = tf.TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, per_device_train_batch_size=2,
+                                max_steps=2, save_steps=2, learning_rate=1e-2, report_to=[], disable_tqdm=True)
+    msplora.MSPLoraTrainer(model=model, args=args, train_dataset=Tokens()).train()
+    assert not getattr(model, "_hf_peft_config_loaded", False)
+    assert os.path.isfile(tmp_path / "out" / "checkpoint-2" / "adapter_model.safetensors")
+    assert all(not torch.equal(p, before[k]) for k, p in adapter_parameters(model).items())
+    for (_, layer), state in zip(msplora.msplora_layers(model), packed):
+        assert_same_packed(state, packed_state(layer.base_layer))
+
+
 def _requantization_step(layer, target):
     """Largest error of quantising ``target`` (out, in) once into ``layer``'s stored format, per element.
 
