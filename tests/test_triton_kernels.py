@@ -401,7 +401,14 @@ def test_every_launch_compiles_for_hopper_without_spills():
     minute or two on a cold Triton cache."""
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.getcwd(), TRITON_DEFAULT_FP_FUSION="1")
     command = [sys.executable, "-m", "msplora_kernels._triton.compile_check", "--arch", "90", "--dtypes", "bf16",
-               "--ranks", "8,4,2;64,32,16", "--shapes", "8192,4096,4096;37,72,50"]
+               "--ranks", "8,4,2;64,32,16", "--shapes", "8192,4096,4096;37,72,50", "--rng-cost"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "compiled" in result.stdout and "STACK=  0" in result.stdout
+    # The roofline's RNG costs are these counts (to 15%: they move a little between Triton versions).
+    from benchmarks import roofline
+
+    costs = {line.split()[1]: float(line.split("(")[1].split()[0])
+             for line in result.stdout.splitlines() if line.startswith("dropout ")}
+    assert costs["draw"] == pytest.approx(roofline.RNG_DRAW_PER_ELEMENT, rel=0.15)
+    assert costs["read"] == pytest.approx(roofline.RNG_READ_PER_ELEMENT, rel=0.15)

@@ -173,39 +173,67 @@ def _compile(fn, signature, constexprs, attrs, options, arch: int):
     return triton.compile(source, target=GPUTarget("cuda", arch * 10, 32), options=options)
 
 
-def compile_launches(arch: int, dtypes: List[torch.dtype], rank_sets: List[Tuple[int, ...]],
-                     shapes: Sequence[Tuple[int, int, int]] = SHAPES, quiet: bool = False) -> List[Variant]:
-    """Compile each distinct launch for ``sm_<arch>0``; returns the variants with their statistics."""
+def _distinct_launches(arch: int, dtypes: List[torch.dtype], rank_sets: List[Tuple[int, ...]],
+                       shapes: Sequence[Tuple[int, int, int]]) -> Dict[tuple, tuple]:
+    """{variant key: (kernel name, signature, constexprs, attrs, options, shapes that launched it)}."""
     with _recording(arch) as (recorded, label):
         for dtype in dtypes:
             for ranks in rank_sets:
                 record_backend_calls(dtype, ranks, shapes, label)
         launches = list(recorded)
     backend = make_backend(GPUTarget("cuda", arch * 10, 32))
-    variants: Dict[tuple, Variant] = {}
+    distinct: Dict[tuple, tuple] = {}
     for fn, args, meta, shape in launches:
         signature, constexprs, attrs, options = _specialise(fn, backend, args, meta)
         key = (fn.__name__, tuple(signature.items()), tuple(sorted((k, str(v)) for k, v in constexprs.items())),
                tuple(sorted((k, str(v)) for k, v in attrs.items())), tuple(sorted(options.items())))
-        if key in variants:
-            if shape not in variants[key].launched_by:
-                variants[key].launched_by.append(shape)
-            continue
-        names = fn.arg_names
-        variant = Variant(fn.__name__, signature, {names[i[0]]: v for i, v in constexprs.items()}, options, [shape])
-        started = time.time()
-        compiled = _compile(fn, signature, constexprs, attrs, options, arch)
-        variant.seconds = time.time() - started
-        ttgir = compiled.asm["ttgir"]
-        variant.wgmma = "warp_group_dot" in ttgir
-        variant.pipelined = "async_copy_global_to_local" in ttgir or "async_tma" in ttgir
-        variant.shared = compiled.metadata.shared
-        variant.registers, variant.spilled, mnemonics = _cubin_stats(compiled.asm["cubin"])
-        variant.instructions = len(mnemonics)
-        variants[key] = variant
+        if key not in distinct:
+            distinct[key] = (fn.__name__, signature, constexprs, attrs, options, [])
+        if shape not in distinct[key][5]:
+            distinct[key][5].append(shape)
+    return distinct
+
+
+def _compile_variant(job: tuple) -> Variant:
+    name, signature, constexprs, attrs, options, shapes, arch = job
+    fn = getattr(kernels, name)
+    variant = Variant(name, signature, {fn.arg_names[i[0]]: v for i, v in constexprs.items()}, options, shapes)
+    started = time.time()
+    compiled = _compile(fn, signature, constexprs, attrs, options, arch)
+    variant.seconds = time.time() - started
+    ttgir = compiled.asm["ttgir"]
+    variant.wgmma = "warp_group_dot" in ttgir
+    variant.pipelined = "async_copy_global_to_local" in ttgir or "async_tma" in ttgir
+    variant.shared = compiled.metadata.shared
+    variant.registers, variant.spilled, mnemonics = _cubin_stats(compiled.asm["cubin"])
+    variant.instructions = len(mnemonics)
+    return variant
+
+
+def compile_launches(arch: int, dtypes: List[torch.dtype], rank_sets: List[Tuple[int, ...]],
+                     shapes: Sequence[Tuple[int, int, int]] = SHAPES, quiet: bool = False,
+                     jobs: int = 1) -> List[Variant]:
+    """Compile each distinct launch for ``sm_<arch>0`` (``jobs`` processes; each compiled kernel also lands in
+    Triton's cache, which pre-warms a GPU run); returns the variants with their statistics."""
+    work = [entry + (arch,) for entry in _distinct_launches(arch, dtypes, rank_sets, shapes).values()]
+    if jobs > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            results = pool.map(_compile_variant, work)
+            variants = []
+            for variant in results:
+                variants.append(variant)
+                if not quiet:
+                    print(format_variant(variant), flush=True)
+        return variants
+    variants = []
+    for job in work:
+        variants.append(_compile_variant(job))
         if not quiet:
-            print(format_variant(variant), flush=True)
-    return list(variants.values())
+            print(format_variant(variants[-1]), flush=True)
+    return variants
 
 
 def format_variant(v: Variant) -> str:
@@ -301,6 +329,7 @@ def main(argv=None) -> int:
                         "M=1 and 37,72,50)")
     parser.add_argument("--rng-cost", action="store_true", help="also print the dropout work per element")
     parser.add_argument("--count-only", action="store_true", help="only count the distinct variants (no compiling)")
+    parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     args = parser.parse_args(argv)
     if dispatch.triton_interpreted():
         parser.error("run with TRITON_INTERPRET=0: the interpreter does not compile")
@@ -312,7 +341,7 @@ def main(argv=None) -> int:
     if args.count_only:
         print(f"{count_variants(arch, dtypes, rank_sets, shapes)} distinct kernel variants")
         return 0
-    variants = compile_launches(arch, dtypes, rank_sets, shapes)
+    variants = compile_launches(arch, dtypes, rank_sets, shapes, jobs=args.jobs)
     print(f"compiled {len(variants)} kernel variants for sm_{arch}0 with triton {triton.__version__}")
     if args.rng_cost:
         for name, cost in rng_costs(arch).items():
@@ -327,18 +356,7 @@ def main(argv=None) -> int:
 def count_variants(arch: int, dtypes: List[torch.dtype], rank_sets: List[Tuple[int, ...]],
                    shapes: Sequence[Tuple[int, int, int]] = SHAPES) -> int:
     """How many distinct variants these calls compile (the launcher's specialisation; nothing is compiled)."""
-    with _recording(arch) as (recorded, label):
-        for dtype in dtypes:
-            for ranks in rank_sets:
-                record_backend_calls(dtype, ranks, shapes, label)
-        launches = list(recorded)
-    backend = make_backend(GPUTarget("cuda", arch * 10, 32))
-    keys = set()
-    for fn, args, meta, _ in launches:
-        signature, constexprs, attrs, options = _specialise(fn, backend, args, meta)
-        keys.add((fn.__name__, tuple(signature.items()), tuple(sorted((k, str(v)) for k, v in constexprs.items())),
-                  tuple(sorted((k, str(v)) for k, v in attrs.items())), tuple(sorted(options.items()))))
-    return len(keys)
+    return len(_distinct_launches(arch, dtypes, rank_sets, shapes))
 
 
 if __name__ == "__main__":

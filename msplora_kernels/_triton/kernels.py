@@ -18,15 +18,28 @@ Dropout (n <= 4 branches, each with its own mask):
   and the mask costs 0.5 byte per element of x to write once and read twice. Where the mask is not
   available they draw the same bits again (MASK_SOURCE = 1; see ``triton_backend`` for when).
 
-Cost per element of x on sm_90 (``python -m msplora_kernels._triton.compile_check`` prints the SASS
-instruction counts per variant; the numbers below are from it, triton 3.9, bf16, ranks 8/4/2): the Philox
-draw with the threshold tests and packing is ~25-30 integer instructions per element (a 7-round Philox4x32 is
-~60 integer instructions per pair), paid once per step in the shrink; reading the packed mask costs one byte
-load per two elements and ~3 integer instructions per element and branch (shift, and, select). The
-roofline (``python -m benchmarks.roofline``) turns this into time: at M=8192, K=4096, bf16, p=0.05 the RNG
-is hidden under the shrink's read of x (16 B/element/µs-level: 4.8 TB/s moves 2.4 G elements/s of bf16 x
-per ms while the integer pipes run ~30 instructions x 2.4 G/ms = 72 G int ops/ms, below the H200's
-~250 G int32 ops/ms), so the shrink stays memory-bound.
+Cost per element of x on sm_90, three branches (``python -m msplora_kernels._triton.compile_check
+--rng-cost``: SASS of micro-kernels isolating the work, triton 3.9): drawing and packing the masks costs
+35.5 instructions per element (34.2 on the integer pipes: a 7-round Philox4x32 is ~60 integer
+instructions per pair of elements, plus the counters, six threshold tests and the packing); reading and
+unpacking them costs 24.2 (13.4 integer) plus 0.5 byte per element. The RNG is therefore paid once per
+step (the shrink), where it used to be paid three times (shrink, dx epilogue, dA).
+
+Roofline (``python -m benchmarks.roofline``; H200: 989 TFLOP/s bf16, 4.8 TB/s, integer work at 64 lanes per
+SM per clock; predictions, no GPU has measured) at M=8192, K=4096, bf16, ranks 8/4/2, p=0.05, as time /
+bare cuBLAS (x W^T forward, dy W backward):
+
+    N       path      fwd    fwd+bwd   (previous design: masks drawn 3 times, fwd+bwd)
+    4096    unfused   1.38   1.35      1.52
+    4096    fused     1.28   1.25      1.34
+    11008   unfused   1.20   1.20      1.26
+    11008   fused     1.11   1.13      1.16
+
+(p = 0: fwd+bwd 1.21 / 1.11 at N=4096, 1.14 / 1.07 at N=11008.) The 1.12x target is not met: at N=4096 the
+shrink is integer-bound (77 us of RNG against 17 us of memory traffic for x), and the unfused path's extra
+passes (y += S B^T, dS and dB reading dy separately, the dx epilogue's read and write of dx) cost another
+~100 us against the bare layer's 556 us. What would close it: drawing fewer random bits (a complement-sparse
+draw whose work scales with p, issue 11 design 1) and one pass over dy for dS and dB.
 
 Kernels (all accumulate in fp32, fp64 for fp64 inputs, and store in the output's dtype):
 
