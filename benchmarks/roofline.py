@@ -35,7 +35,7 @@ PEAK_INT = SMS * CLOCK * INT_LANES  # integer instructions per second (one threa
 GEMM_EFFICIENCY, MEMORY_EFFICIENCY = 0.75, 0.85
 # Integer-pipe SASS instructions per element of x, three branches (compile_check --rng-cost, triton 3.9,
 # sm_90, commit of this file): draw + threshold + pack; read + unpack + the per-branch selects.
-RNG_DRAW_PER_ELEMENT = 34.2
+RNG_DRAW_PER_ELEMENT = 30.4
 RNG_READ_PER_ELEMENT = 13.4
 BF16, FP32 = 2, 4
 SPLITS = 8

@@ -20,26 +20,27 @@ Dropout (n <= 4 branches, each with its own mask):
 
 Cost per element of x on sm_90, three branches (``python -m msplora_kernels._triton.compile_check
 --rng-cost``: SASS of micro-kernels isolating the work, triton 3.9): drawing and packing the masks costs
-35.5 instructions per element (34.2 on the integer pipes: a 7-round Philox4x32 is ~60 integer
-instructions per pair of elements, plus the counters, six threshold tests and the packing); reading and
-unpacking them costs 24.2 (13.4 integer) plus 0.5 byte per element. The RNG is therefore paid once per
-step (the shrink), where it used to be paid three times (shrink, dx epilogue, dA).
+32.0 instructions per element (30.4 on the integer pipes: a 7-round Philox4x32 is ~42 integer instructions
+per pair of elements, 28 of them IMAD, plus the counters, the threshold tests of both halves of a word at
+once and the packing); reading and unpacking them costs 24.2 (13.4 integer) plus 0.5 byte per element.
+The RNG is paid once per step (the shrink), where it used to be paid three times (shrink, dx epilogue, dA)
+at 35.5 instructions per element.
 
 Roofline (``python -m benchmarks.roofline``; H200: 989 TFLOP/s bf16, 4.8 TB/s, integer work at 64 lanes per
 SM per clock; predictions, no GPU has measured) at M=8192, K=4096, bf16, ranks 8/4/2, p=0.05, as time /
 bare cuBLAS (x W^T forward, dy W backward):
 
-    N       path      fwd    fwd+bwd   (previous design: masks drawn 3 times, fwd+bwd)
-    4096    unfused   1.38   1.35      1.52
-    4096    fused     1.28   1.25      1.34
-    11008   unfused   1.20   1.20      1.26
-    11008   fused     1.11   1.13      1.16
+    N       path      fwd     fwd+bwd   (fwd+bwd with the masks drawn in all three kernels)
+    4096    unfused   1.348   1.338     1.474
+    4096    fused     1.251   1.239     1.308
+    11008   unfused   1.193   1.190     1.241
+    11008   fused     1.096   1.122     1.148
 
-(p = 0: fwd+bwd 1.21 / 1.11 at N=4096, 1.14 / 1.07 at N=11008.) The 1.12x target is not met: at N=4096 the
-shrink is integer-bound (77 us of RNG against 17 us of memory traffic for x), and the unfused path's extra
-passes (y += S B^T, dS and dB reading dy separately, the dx epilogue's read and write of dx) cost another
-~100 us against the bare layer's 556 us. What would close it: drawing fewer random bits (a complement-sparse
-draw whose work scales with p, issue 11 design 1) and one pass over dy for dS and dB.
+(p = 0: fwd+bwd 1.205 / 1.107 at N=4096, 1.140 / 1.073 at N=11008.) The 1.12x target is not met: at N=4096
+the shrink is integer-bound (69 us of RNG against 17 us of memory traffic for x), and the unfused path's
+extra passes (y += S B^T, dS and dB reading dy separately, the dx epilogue's read and write of dx) cost
+another ~100 us against the bare layer's 556 us. What would close it: drawing work proportional to p (a
+complement-sparse draw, issue 11 design 1) and one pass over dy for dS and dB.
 
 Kernels (all accumulate in fp32, fp64 for fp64 inputs, and store in the output's dtype):
 
@@ -79,14 +80,23 @@ def _philox_words(seed, rows, first_col, row_len, HALF_COLS: tl.constexpr):
 @triton.jit
 def _drawn_mask(seed, threshold, rows, first_col, row_len, HALF_COLS: tl.constexpr, BRANCHES: tl.constexpr):
     """The packed mask bytes (len(rows), HALF_COLS) as int32: bit s keeps the pair's even element for
-    branch s, bit 4 + s its odd element (layout in the module docstring)."""
+    branch s, bit 4 + s its odd element (layout in the module docstring).
+
+    Both 16-bit halves of a word are tested at once (SWAR): with H = 0x80008000, d = (w | H) - (t & ~H)
+    per half (no borrow crosses halves) has bit 15 of each half set iff w's low 15 bits >= t's, and
+    ((w & ~t) | (~(w ^ t) & d)) & H adds the top bits: bit 15 and 31 say lo >= t and hi >= t.
+    """
     w0, w1, w2, w3 = _philox_words(seed, rows, first_col, row_len, HALF_COLS)
-    packed = (w0 * 0).to(tl.int32)
+    t = threshold.to(tl.uint32)
+    t2 = t | (t << 16)
+    high = tl.full((1,), 0x80008000, tl.uint32)
+    acc = (w0 * 0).to(tl.uint32)
     for branch in tl.static_range(BRANCHES):
-        bits = w0 if branch == 0 else (w1 if branch == 1 else (w2 if branch == 2 else w3))
-        packed |= ((bits & 0xFFFF).to(tl.int32) >= threshold).to(tl.int32) << branch
-        packed |= ((bits >> 16).to(tl.int32) >= threshold).to(tl.int32) << (branch + 4)
-    return packed
+        w = w0 if branch == 0 else (w1 if branch == 1 else (w2 if branch == 2 else w3))
+        d = (w | high) - (t2 & ~high)
+        ge = ((w & ~t2) | (~(w ^ t2) & d)) & high
+        acc |= ge >> (15 - branch)  # even element's bit at s, odd element's at 16 + s
+    return ((acc | (acc >> 12)) & 0xFF).to(tl.int32)
 
 
 @triton.jit
