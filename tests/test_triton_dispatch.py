@@ -127,12 +127,10 @@ def test_launches_per_layer_that_the_backend_makes(p):
     tensor allocation and views launch nothing). Unfused (the default) at p = 0: forward 3 (shrink, cuBLAS,
     S B^T epilogue), backward 7 (dS, dB slices + sum, cuBLAS dy W, dx epilogue, dA slices + sum) at one or two
     slices; fused: 2 and 6."""
-    from tests.test_triton_kernels import make_problem, packed, to
-    from msplora_kernels import triton_backend
+    from tests.test_triton_kernels import make_problem
 
     counts = tune.count_launches(*make_problem(37, 72, 50, (8, 4, 2), dtype=torch.float32), p=p)
     splits = tuning.reduction_splits(37, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     reductions = 2 if splits > 1 else 0  # torch.sum of dB's and dA's slices (fp32: no cast)
     assert counts["unfused"] == {"forward": 3, "backward": 5 + reductions}, counts
     assert counts["fused"] == {"forward": 2, "backward": 4 + reductions}, counts
-    del triton_backend, packed, to

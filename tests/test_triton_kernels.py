@@ -22,7 +22,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from msplora_kernels import triton_backend  # noqa: E402
-from msplora_kernels._triton import kernels, tuning  # noqa: E402
+from msplora_kernels._triton import kernels  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 RANKS = [(8, 4, 2), (5, 3, 1), (0, 0, 6), (16, 0, 3)]
