@@ -1,38 +1,60 @@
 """Triton MSPLoRA backend: the ``forward``/``backward``/``dropout_masks`` contract of ``torch_backend``.
 
-Notation as in ``torch_backend``: x (M, K), W (N, K), A = [A_1; ...; A_n] (R, K), B = [B_1 | ... | B_n]
-(N, R), c_s = scaling_s / (1 - p), D_s(x) = keep_s ⊙ x, A' = A with branch s's rows times c_s (R x K, made
-on the host: tiny next to x).
+Notation: x (M, K), W (N, K), A = [A_1; ...; A_n] (R, K), B = [B_1 | ... | B_n] (N, R), D_s(x) = keep_s ⊙ x,
+c_s = scaling_s / (1 - p_eff) with p_eff = round(p * 2^16) / 2^16 the drop probability the kernels realise
+exactly (``effective_p``; |p - p_eff| <= 2^-17, so the estimator is exactly unbiased for p_eff). The c_s
+go to the kernels as scalars: no scaled copy of A is made on the host.
 
-Forward (two launches, x read twice: once by the shrink, for all branches, once by the GEMM):
+Forward (two launches fused, three unfused; x read twice: by the shrink, for all branches, and the GEMM):
 
-    S = [D_1(x) A'_1^T | ... | D_n(x) A'_n^T]            _shrink_kernel, one Philox draw per element (M, R)
-    y = x W^T + b + S B^T                                 _matmul_lowrank_kernel, one write of y
+    S = [c_1 D_1(x) A_1^T | ... | c_n D_n(x) A_n^T]     _shrink_kernel: one Philox draw per pair of elements
+                                                         for all branches, writes the packed mask   (M, R)
+    y = x W^T + b + S B^T                                 _matmul_lowrank_kernel (fused), or cuBLAS + the
+                                                          same kernel adding S B^T in place (unfused)
 
 Backward, given dy (M, N):
 
     dS = dy B                                             narrow GEMM                      (M, R)
     dB = dy^T S                                           narrow GEMM split over M         (N, R)
-    dx = dy W + sum_s keep_s ⊙ (dS_s A'_s)                one GEMM, masks redrawn in its epilogue
-    dA_s = c_s dS_s^T D_s(x)                              _lowrank_grad_a_kernel, masks redrawn as x streams
+    dx = dy W + sum_s c_s keep_s ⊙ (dS_s A_s)             GEMM epilogue reading the packed mask
+    dA_s = c_s dS_s^T D_s(x)                              _lowrank_grad_a_kernel reading the packed mask
+
+Dropout RNG per training step: one Philox pass over x (the shrink's); dx and dA read the packed mask
+(0.5 byte per element of x: bit s of a nibble is keep_s, layout in ``_triton/kernels.py``).
+
+Where the mask lives (the function.py contract saves only x, S and the seed): in S's own storage, after
+S's M*R elements, so autograd keeps it exactly as long as S. ``S`` is returned as a plain contiguous
+(M, R) view of a larger allocation (shape and strides as the op's fake promises); backward finds the mask
+there when S's storage has exactly the size this backend allocated and a host-side record of that
+allocation (device, address, size, seed, threshold, shape, dtype) matches. Anything else (S copied by a
+saved-tensor hook, offloaded, or the record evicted after ``_MASK_RECORDS`` newer forwards) falls back to
+drawing the same bits again with Philox in each backward kernel: the masks are a pure function of the seed,
+so results are identical, only slower. Saved for backward: x, S and its packed mask (at most PEFT LoRA's
+x plus M x R plus 0.5 byte per element).
 
 Reductions over M (dB, dA) are cut into a fixed number of slices written to an fp32 buffer and summed by
 ``torch.sum``: no atomics anywhere, so gradients are bit-identical run to run (whether or not
-``torch.are_deterministic_algorithms_enabled()``). Masks come from one Philox draw per pair of elements of x,
-keyed by ``seed`` and the pair's offset, whose four words serve up to four branches (see ``_triton/kernels.py``);
-they are drawn three times per training step (shrink, dx, dA) and never stored. Saved for backward: x, S and
-the seed, as the contract asks.
+``torch.are_deterministic_algorithms_enabled()``).
 
-Paths: ``fused`` runs the GEMMs above; ``unfused`` runs x W^T + b and dy W with ``torch`` (cuBLAS) and adds the
-low-rank terms with the same kernels in accumulate mode (y += S B^T, dx += sum_s keep_s ⊙ (dS_s A'_s)),
-which costs one more read and write of y and dx. ``auto`` asks ``_triton.tuning.prefer_fused``.
-``forced_path`` overrides the choice (for benchmarks); ``linear`` is the Triton GEMM alone (x W^T + b).
+Paths: ``unfused`` runs x W^T + b and dy W with ``torch`` (cuBLAS) and adds the low-rank terms with our
+kernels in accumulate mode (y += S B^T, dx += sum_s c_s keep_s ⊙ (dS_s A_s)), one more read and write of y
+and dx; ``fused`` runs our GEMM with the low-rank term in its epilogue. ``auto`` asks
+``_triton.tuning.prefer_fused``, which picks the fused GEMM only where the committed per-GPU tuning table
+measured it at least 3% faster (``_triton/tuning_table.py``); cuBLAS + our low-rank kernels otherwise.
+``forced_path`` overrides the choice (for benchmarks and the tuning step); ``linear`` is the Triton GEMM
+alone (x W^T + b).
+
+Determinism: both paths are deterministic run to run on one GPU and software stack (no atomics; cuBLAS
+needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` under ``torch.use_deterministic_algorithms``). The two paths
+round differently (cuBLAS vs our tile order), so results are bit-identical only within one path, which is
+why the path is a pure function of the call's key and the committed table and never changes within a run.
 """
 from __future__ import annotations
 
 import contextlib
+import collections
 import functools
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -40,12 +62,12 @@ import triton.language as tl
 
 from . import dispatch
 from ._triton import kernels, tuning
-from .torch_backend import _branch_coefficients, _scaled_rows
 
 PATHS = ("auto", "fused", "unfused")
 MAX_BRANCHES = 4  # one Philox draw gives four words: one mask per branch
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MASK_BITS = 16  # the kernels compare 16 random bits per element and branch with round(p * 2^16)
+_MASK_RECORDS = 4096  # forwards whose saved packed masks backward can find (older ones: masks redrawn)
 _forced = {"path": "auto"}
 
 
@@ -63,9 +85,13 @@ def forced_path(path: str) -> Iterator[None]:
         _forced["path"] = previous
 
 
-def uses_fused_path(m: int, n: int, k: int, device: torch.device, dtype: torch.dtype) -> bool:
+def uses_fused_path(
+    m: int, n: int, k: int, device: torch.device, dtype: torch.dtype,
+    ranks: Sequence[int] = (), dropout: bool = False, op: str = "forward",
+) -> bool:
     """Whether a call with these sizes runs the fused GEMM under the current ``forced_path``."""
-    return tuning.prefer_fused(m, n, k, device, dtype, forced=_forced["path"])
+    return tuning.prefer_fused(m, n, k, device, dtype, forced=_forced["path"], ranks=tuple(ranks),
+                               dropout=dropout, op=op)
 
 
 def _on(device: torch.device):
@@ -119,17 +145,78 @@ def _acc_constexpr(dtype: torch.dtype):
 
 
 def _threshold(p: float) -> int:
-    return round(p * 2**_MASK_BITS)
+    """The kernels drop an element when its 16 random bits are below this: round(p * 2^16), at most 2^16 - 1."""
+    return min(round(p * 2**_MASK_BITS), 2**_MASK_BITS - 1) if p > 0.0 else 0
+
+
+def effective_p(p: float) -> float:
+    """The drop probability the kernels realise exactly for a requested ``p``: threshold / 2^16."""
+    return _threshold(p) / 2**_MASK_BITS
+
+
+def _branch_coefficients(scalings: Sequence[float], p: float) -> List[float]:
+    """c_s = scaling_s / (1 - p_eff), padded to the kernels' four scalars."""
+    keep = 1.0 - effective_p(p)
+    return [float(c) / keep for c in scalings] + [0.0] * (MAX_BRANCHES - len(scalings))
 
 
 @functools.lru_cache(maxsize=256)
 def _rank_bounds(ranks: Tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """[0, r_1, r_1 + r_2, ..., R] as int32 on ``device``: the branches' rank columns (cached: one copy per
-    rank layout, not one per call)."""
+    """[0, r_1, r_1 + r_2, ..., R, R, ...] (MAX_BRANCHES + 1 entries, int32, on ``device``): the branches'
+    rank columns (cached: one copy per rank layout, not one per call)."""
     bounds = [0]
     for rank in ranks:
         bounds.append(bounds[-1] + rank)
+    bounds += [bounds[-1]] * (MAX_BRANCHES + 1 - len(bounds))
     return torch.tensor(bounds, dtype=torch.int32, device=device)
+
+
+# ---- the packed dropout mask, kept in S's storage -----------------------------------------------------
+
+_records: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+
+
+def _mask_layout(m: int, r: int, k: int, dtype: torch.dtype) -> Tuple[int, int]:
+    """(byte offset of the mask in S's storage, total elements of that storage)."""
+    offset = -(-(m * r * dtype.itemsize) // 16) * 16  # 16-byte aligned, as the kernels' loads assume
+    total_bytes = offset + m * ((k + 1) // 2)
+    return offset, -(-total_bytes // dtype.itemsize)
+
+
+def _new_s(m: int, r: int, k: int, dtype: torch.dtype, device: torch.device, seed: int, threshold: int,
+           branches: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """S (M, R) and, with dropout, the packed mask (M, ceil(K/2)) uint8 placed after it in one allocation."""
+    if threshold == 0:
+        return torch.empty((m, r), device=device, dtype=dtype), None
+    offset, total = _mask_layout(m, r, k, dtype)
+    storage = torch.empty((total,), device=device, dtype=dtype)
+    s = storage[: m * r].view(m, r)
+    mask = storage.view(torch.uint8)[offset: offset + m * ((k + 1) // 2)].view(m, (k + 1) // 2)
+    key = (str(device), storage.untyped_storage().data_ptr())
+    _records[key] = (storage.untyped_storage().nbytes(), seed, threshold, branches, m, r, k, dtype)
+    _records.move_to_end(key)
+    while len(_records) > _MASK_RECORDS:
+        _records.popitem(last=False)
+    return s, mask
+
+
+def _saved_mask(s: torch.Tensor, k: int, seed: int, threshold: int, branches: int) -> Optional[torch.Tensor]:
+    """The packed mask the forward that made ``s`` stored, or None (then the kernels redraw it)."""
+    m, r = s.shape
+    if s.storage_offset() != 0 or not s.is_contiguous():
+        return None
+    storage = s.untyped_storage()
+    key = (str(s.device), storage.data_ptr())
+    offset, total = _mask_layout(m, r, k, s.dtype)
+    if _records.get(key) != (storage.nbytes(), seed, threshold, branches, m, r, k, s.dtype):
+        return None
+    if storage.nbytes() != total * s.dtype.itemsize:
+        return None
+    full = torch.empty((0,), device=s.device, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),), (1,))
+    return full[offset: offset + m * ((k + 1) // 2)].view(m, (k + 1) // 2)
+
+
+# ---- launchers --------------------------------------------------------------------------------------------
 
 
 def _launch_matmul(
@@ -139,15 +226,18 @@ def _launch_matmul(
     config: tuning.MatmulConfig,
     bias: Optional[torch.Tensor] = None,
     low_rank: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-    masked: Optional[Tuple[Sequence[int], float, int]] = None,
+    scaled: Optional[Tuple[Sequence[int], Sequence[float]]] = None,
+    masked: Optional[Tuple[int, int, Optional[torch.Tensor]]] = None,
     accumulate: bool = False,
     splits: int = 1,
 ) -> None:
     """out (+)= lhs rhs (+ bias + low-rank term): ``out`` (M, N), or (splits, M, N) partial sums over slices
     of the inner dimension.
 
-    ``low_rank`` = (L, U) adds L U; ``masked`` = (ranks, p, seed) masks each branch's part of it with its
-    dropout mask, drawn at out's elements (out is then x-shaped). ``lhs``/``rhs`` None: no main product.
+    ``low_rank`` = (L, U) adds L U; ``scaled`` = (ranks, coefficients) multiplies branch s's columns of L by
+    c_s; ``masked`` = (seed, threshold, packed mask or None) also masks each branch's part with its dropout
+    mask at out's elements (out is then x-shaped), read from the packed mask or drawn again.
+    ``lhs``/``rhs`` None: no main product.
     """
     m, n = out.shape[-2:]
     if out.numel() == 0:
@@ -169,22 +259,28 @@ def _launch_matmul(
     else:
         l_mat = u_mat = out
         rank = stride_lm = stride_lr = stride_ur = stride_un = 0
-    if masked is not None:
-        ranks, drop_p, seed = masked
+    if scaled is not None:
+        ranks, coefs = scaled
         bounds = _rank_bounds(tuple(ranks), out.device)
-        n_masked, threshold, widest = len(ranks), _threshold(drop_p), max(ranks)
+        widest = max(ranks) if masked is not None else rank
     else:
-        bounds, n_masked, seed, threshold, widest = out, 0, 0, 0, rank
+        bounds, coefs, widest, ranks = out, [0.0] * MAX_BRANCHES, rank, ()
+    seed, threshold, mask = masked if masked is not None else (0, 0, None)
     stride_cs = out.stride(0) if out.dim() == 3 else 0
     stride_cm, stride_cn = out.stride()[-2:]
+    config = tuning.for_strides(config, (stride_pm, stride_pk, stride_qk, stride_qn))
     grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), splits)
     with _on(out.device):
         kernels._matmul_lowrank_kernel[grid](
             lhs, rhs, out, bias if bias is not None else out, l_mat, u_mat, bounds,
-            m, n, k, rank, seed, threshold,
+            mask if mask is not None else out,
+            m, n, k, rank, seed, threshold, *coefs,
             stride_pm, stride_pk, stride_qk, stride_qn, stride_cs, stride_cm, stride_cn,
-            stride_lm, stride_lr, stride_ur, stride_un,
-            HAS_BIAS=bias is not None, HAS_LOW_RANK=low_rank is not None, MASKED_BRANCHES=n_masked,
+            stride_lm, stride_lr, stride_ur, stride_un, mask.stride(0) if mask is not None else 0,
+            HAS_BIAS=bias is not None, HAS_LOW_RANK=low_rank is not None,
+            SCALE_LOW_RANK=scaled is not None and masked is None,
+            MASKED_BRANCHES=len(ranks) if masked is not None else 0,
+            MASK_SOURCE=0 if masked is None else (2 if mask is not None else 1),
             ACCUMULATE=accumulate, SPLIT_K=splits,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             BLOCK_R=tuning.rank_block(widest, config.max_block_r),
@@ -207,8 +303,13 @@ def linear(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 def _reduce_over_rows(
     p: torch.Tensor, q: torch.Tensor, out_dtype: torch.dtype, config: tuning.MatmulConfig
 ) -> torch.Tensor:
-    """p q for a long inner dimension (rows of x): fp32 partial sums over slices, added by ``torch.sum``."""
+    """p q for a long inner dimension (rows of x): fp32 partial sums over slices, added by ``torch.sum``
+    (one slice: written in ``out_dtype`` directly)."""
     splits = tuning.reduction_splits(p.shape[1], p.device)
+    if splits == 1:
+        out = torch.empty((p.shape[0], q.shape[1]), device=p.device, dtype=out_dtype)
+        _launch_matmul(out, p, q, config)
+        return out
     partial = torch.empty((splits, p.shape[0], q.shape[1]), device=p.device, dtype=_accumulator(p.dtype))
     _launch_matmul(partial, p, q, config, splits=splits)
     return partial.sum(0).to(out_dtype)
@@ -220,19 +321,23 @@ def _rank_tiles(total_rank: int, config: tuning.LowRankConfig) -> Tuple[int, int
     return block_r, triton.cdiv(total_rank, block_r)
 
 
-def _shrink(x: torch.Tensor, a_scaled: torch.Tensor, ranks: Sequence[int], p: float, seed: int) -> torch.Tensor:
+def _shrink(
+    x: torch.Tensor, a_cat: torch.Tensor, ranks: Sequence[int], coefs: Sequence[float], threshold: int, seed: int
+) -> torch.Tensor:
     m, k = x.shape
-    total_rank = a_scaled.shape[0]
-    s = torch.empty((m, total_rank), device=x.device, dtype=x.dtype)
-    config = tuning.low_rank_config(x.device, x.dtype, masked=p > 0.0)
+    total_rank = a_cat.shape[0]
+    s, mask = _new_s(m, total_rank, k, x.dtype, x.device, seed, threshold, len(ranks))
+    config = tuning.low_rank_config(x.device, x.dtype, masked=threshold > 0)
     block_r, rank_tiles = _rank_tiles(total_rank, config)
+    config = tuning.shrink_config(config, block_r, x.stride())
     grid = (triton.cdiv(m, config.block_m) * rank_tiles,)
     with _on(x.device):
         kernels._shrink_kernel[grid](
-            x, a_scaled, s, _rank_bounds(tuple(ranks), x.device), m, k, total_rank, seed, _threshold(p),
-            *x.stride(), *a_scaled.stride(), *s.stride(),
-            MASKED_BRANCHES=len(ranks) if p > 0.0 else 0, RANK_TILES=rank_tiles,
-            BLOCK_M=config.block_m, BLOCK_R=block_r, BLOCK_K=config.block_k,
+            x, a_cat, s, _rank_bounds(tuple(ranks), x.device), mask if mask is not None else s,
+            m, k, total_rank, seed, threshold, *coefs,
+            *x.stride(), *a_cat.stride(), *s.stride(), mask.stride(0) if mask is not None else 0,
+            MASKED_BRANCHES=len(ranks) if threshold > 0 else 0, WRITE_MASK=mask is not None,
+            RANK_TILES=rank_tiles, BLOCK_M=config.block_m, BLOCK_R=block_r, BLOCK_K=config.block_k,
             DOT_PRECISION=_dot_precision(x.dtype), ACC_DTYPE=_acc_constexpr(x.dtype),
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
@@ -240,26 +345,29 @@ def _shrink(x: torch.Tensor, a_scaled: torch.Tensor, ranks: Sequence[int], p: fl
 
 
 def _grad_a(
-    ds: torch.Tensor, x: torch.Tensor, ranks: Sequence[int], coefs: Sequence[float], p: float, seed: int
+    ds: torch.Tensor, x: torch.Tensor, ranks: Sequence[int], coefs: Sequence[float], threshold: int, seed: int,
+    mask: Optional[torch.Tensor],
 ) -> torch.Tensor:
     m, k = x.shape
     total_rank = ds.shape[1]
-    config = tuning.low_rank_config(x.device, x.dtype, masked=p > 0.0)
+    config = tuning.low_rank_config(x.device, x.dtype, masked=threshold > 0)
     block_r, rank_tiles = _rank_tiles(total_rank, config)
     splits = tuning.reduction_splits(m, x.device)
-    partial = torch.empty((splits, total_rank, k), device=x.device, dtype=_accumulator(x.dtype))
+    out_dtype = x.dtype if splits == 1 else _accumulator(x.dtype)
+    partial = torch.empty((splits, total_rank, k), device=x.device, dtype=out_dtype)
     grid = (rank_tiles, triton.cdiv(k, config.block_k), splits)
     with _on(x.device):
         kernels._lowrank_grad_a_kernel[grid](
-            ds, x, partial, _rank_bounds(tuple(ranks), x.device), m, k, total_rank, seed, _threshold(p),
-            *ds.stride(), *x.stride(), *partial.stride(),
-            MASKED_BRANCHES=len(ranks) if p > 0.0 else 0, SPLIT_M=splits,
+            ds, x, partial, _rank_bounds(tuple(ranks), x.device), mask if mask is not None else x,
+            m, k, total_rank, seed, threshold, *coefs,
+            *ds.stride(), *x.stride(), *partial.stride(), mask.stride(0) if mask is not None else 0,
+            MASKED_BRANCHES=len(ranks) if threshold > 0 else 0,
+            MASK_SOURCE=0 if threshold == 0 else (2 if mask is not None else 1), SPLIT_M=splits,
             BLOCK_M=config.block_m, BLOCK_R=block_r, BLOCK_K=config.block_k,
             DOT_PRECISION=_dot_precision(x.dtype), ACC_DTYPE=_acc_constexpr(x.dtype),
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
-    da = partial.sum(0) if splits > 1 else partial[0]
-    return _scaled_rows(da, ranks, coefs).to(x.dtype)
+    return partial[0] if splits == 1 else partial.sum(0).to(x.dtype)
 
 
 def forward(
@@ -279,10 +387,10 @@ def forward(
     n = weight.shape[0]
     if m == 0:
         return x.new_empty((0, n)), x.new_empty((0, a_cat.shape[0]))
-    a_scaled = _scaled_rows(a_cat, ranks, _branch_coefficients(ranks, scalings, p))
-    s = _shrink(x, a_scaled, ranks, p, seed)
+    threshold = _threshold(p)
+    s = _shrink(x, a_cat, ranks, _branch_coefficients(scalings, p), threshold, seed)
     low_rank = (s, b_cat.t())
-    if uses_fused_path(m, n, k, x.device, x.dtype):
+    if uses_fused_path(m, n, k, x.device, x.dtype, ranks, threshold > 0, "forward"):
         y = torch.empty((m, n), device=x.device, dtype=x.dtype)
         _launch_matmul(y, x, weight.t(), tuning.matmul_config(x.device, x.dtype), bias=bias, low_rank=low_rank)
     else:
@@ -311,7 +419,9 @@ def backward(
     if m == 0:
         dx = x.new_empty((0, k)) if need_dx else None
         return dx, torch.zeros_like(a_cat), torch.zeros_like(b_cat)
-    coefs = _branch_coefficients(ranks, scalings, p)
+    coefs = _branch_coefficients(scalings, p)
+    threshold = _threshold(p)
+    mask = _saved_mask(s, k, seed, threshold, len(ranks)) if threshold > 0 else None
     width = a_cat.shape[0]
     narrow = tuning.narrow_matmul_config(x.device, x.dtype, width)
 
@@ -321,17 +431,18 @@ def backward(
 
     dx = None
     if need_dx:
-        low_rank = (ds, _scaled_rows(a_cat, ranks, coefs))
-        masked = (list(ranks), p, seed) if p > 0.0 else None
-        dx = torch.empty((m, k), device=x.device, dtype=x.dtype)
-        if uses_fused_path(m, n, k, x.device, x.dtype):
-            config = tuning.matmul_config(x.device, x.dtype, masked=masked is not None)
-            _launch_matmul(dx, dy, weight, config, low_rank=low_rank, masked=masked)
+        low_rank = (ds, a_cat)
+        masked = (seed, threshold, mask) if threshold > 0 else None
+        scaled = (list(ranks), coefs)
+        if uses_fused_path(m, n, k, x.device, x.dtype, ranks, threshold > 0, "backward"):
+            dx = torch.empty((m, k), device=x.device, dtype=x.dtype)
+            config = tuning.matmul_config(x.device, x.dtype, masked=masked is not None, redraw=mask is None)
+            _launch_matmul(dx, dy, weight, config, low_rank=low_rank, scaled=scaled, masked=masked)
         else:
-            torch.mm(dy, weight, out=dx)
-            _launch_matmul(dx, None, None, tuning.epilogue_only_config(x.device), low_rank=low_rank, masked=masked,
-                           accumulate=True)
-    da = _grad_a(ds, x, ranks, coefs, p, seed)
+            dx = dy @ weight
+            _launch_matmul(dx, None, None, tuning.epilogue_only_config(x.device), low_rank=low_rank,
+                           scaled=scaled, masked=masked, accumulate=True)
+    da = _grad_a(ds, x, ranks, coefs, threshold, seed, mask)
     return dx, da, db
 
 
@@ -345,10 +456,15 @@ def dropout_masks(seed: int, n_branches: int, m: int, k: int, p: float, device: 
     if keep.numel() == 0:
         return keep.bool()
     config = tuning.low_rank_config(device, torch.float16, masked=True)
-    grid = (triton.cdiv(m, config.block_m), triton.cdiv(k, config.block_k), n_branches)
+    grid = (triton.cdiv(m, config.block_m), triton.cdiv(k, config.block_k))
     with _on(device):
         kernels._dropout_mask_kernel[grid](
-            keep, m, k, seed, _threshold(p), BLOCK_M=config.block_m, BLOCK_K=config.block_k,
-            num_warps=config.num_warps,
+            keep, m, k, seed, _threshold(p), BRANCHES=n_branches, BLOCK_M=config.block_m,
+            BLOCK_K=config.block_k, num_warps=config.num_warps,
         )
     return keep.bool()
+
+
+def packed_mask_of(s: torch.Tensor, k: int, p: float, seed: int, n_branches: int) -> Optional[torch.Tensor]:
+    """The packed mask (M, ceil(K/2)) uint8 saved with ``s`` by ``forward``, or None (for tests)."""
+    return _saved_mask(s, k, seed, _threshold(p), n_branches)

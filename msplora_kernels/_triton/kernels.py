@@ -1,33 +1,68 @@
 """Triton kernels of the MSPLoRA linear layer (launched by ``msplora_kernels.triton_backend``).
 
-Notation: x (M, K), W (N, K), A = [A_1; ...; A_n] (R, K) with each branch's rows already multiplied by its
-coefficient c_s = scaling_s / (1 - p) on the host, B = [B_1 | ... | B_n] (N, R), S (M, R), dy (M, N).
-Branch s owns the rank columns ``bounds[s]:bounds[s + 1]`` (``bounds`` is an int32 tensor of n + 1 entries).
+Notation: x (M, K), W (N, K), A = [A_1; ...; A_n] (R, K), B = [B_1 | ... | B_n] (N, R), S (M, R), dy (M, N),
+c_s = scaling_s / (1 - p_eff) the coefficient of branch s, passed to the kernels as the scalars c0..c3.
+Branch s owns the rank columns ``bounds[s]:bounds[s + 1]`` (``bounds``: an int32 tensor of 5 entries,
+the last ones repeated R when there are fewer than 4 branches).
 
-Dropout: one Philox4x32 draw per pair of elements x[m, 2j], x[m, 2j + 1], at counter (m*ceil(K/2) + j as two
-32-bit words, 0, 0) under the 32-bit ``seed``, gives four 32-bit words; branch s (n <= 4) keeps x[m, 2j]
-when the low 16 bits of word s are >= round(p * 2^16), and x[m, 2j + 1] by the high 16 bits. So every
-kernel that touches an element draws once for all branches, and one draw serves two elements. Masks live
-in registers only (``_dropout_mask_kernel`` writes them out, for tests).
+Dropout (n <= 4 branches, each with its own mask):
+- One Philox4x32 draw (7 rounds) per pair of elements x[m, 2j], x[m, 2j + 1], at counter
+  (m*ceil(K/2) + j as two 32-bit words, 0, 0) under the 32-bit ``seed``, gives four 32-bit words; branch s
+  keeps x[m, 2j] when the low 16 bits of word s are >= t = round(p * 2^16) (clamped to 2^16 - 1), and
+  x[m, 2j + 1] by the high 16 bits. 16 uniform bits against an integer threshold: each element is dropped
+  with probability exactly p_eff = t / 2^16 (|p - p_eff| <= 2^-17), independently per element and branch,
+  and the launcher scales kept elements by 1 / (1 - p_eff), so the estimator is exactly unbiased.
+- The shrink draws once per training step and writes the packed mask: one byte per pair of elements
+  (``mask[m, j]``, M x ceil(K/2) uint8), bit s = keep_s of x[m, 2j], bit 4 + s = keep_s of x[m, 2j + 1].
+  The backward kernels (dx epilogue, dA) read it (MASK_SOURCE = 2): RNG work per step is one pass over x,
+  and the mask costs 0.5 byte per element of x to write once and read twice. Where the mask is not
+  available they draw the same bits again (MASK_SOURCE = 1; see ``triton_backend`` for when).
+
+Cost per element of x on sm_90, three branches (``python -m msplora_kernels._triton.compile_check
+--rng-cost``: SASS of micro-kernels isolating the work, triton 3.9): drawing and packing the masks costs
+32.0 instructions per element (30.4 on the integer pipes: a 7-round Philox4x32 is ~42 integer instructions
+per pair of elements, 28 of them IMAD, plus the counters, the threshold tests of both halves of a word at
+once and the packing); reading and unpacking them costs 24.2 (13.4 integer) plus 0.5 byte per element.
+The RNG is paid once per step (the shrink), where it used to be paid three times (shrink, dx epilogue, dA)
+at 35.5 instructions per element.
+
+Roofline (``python -m benchmarks.roofline``; H200: 989 TFLOP/s bf16, 4.8 TB/s, integer work at 64 lanes per
+SM per clock; predictions, no GPU has measured) at M=8192, K=4096, bf16, ranks 8/4/2, p=0.05, as time /
+bare cuBLAS (x W^T forward, dy W backward):
+
+    N       path      fwd     fwd+bwd   (fwd+bwd with the masks drawn in all three kernels)
+    4096    unfused   1.348   1.338     1.474
+    4096    fused     1.251   1.239     1.308
+    11008   unfused   1.193   1.190     1.241
+    11008   fused     1.096   1.122     1.148
+
+(p = 0: fwd+bwd 1.205 / 1.107 at N=4096, 1.140 / 1.073 at N=11008.) The 1.12x target is not met: at N=4096
+the shrink is integer-bound (69 us of RNG against 17 us of memory traffic for x), and the unfused path's
+extra passes (y += S B^T, dS and dB reading dy separately, the dx epilogue's read and write of dx) cost
+another ~100 us against the bare layer's 556 us. What would close it: drawing work proportional to p (a
+complement-sparse draw, issue 11 design 1) and one pass over dy for dS and dB.
 
 Kernels (all accumulate in fp32, fp64 for fp64 inputs, and store in the output's dtype):
 
-    _matmul_lowrank_kernel   C (+)= P Q + bias + sum_s keep_s ⊙ (L_s U_s)        (one write of C)
-        forward:  P = x,  Q = W^T,  L = S,  U = B^T,  unmasked                    ->  y
-        dx:       P = dy, Q = W,    L = dS, U = A,    masked per branch           ->  dx
+    _matmul_lowrank_kernel   C (+)= P Q + bias + low-rank term                        (one write of C)
+        forward:  P = x,  Q = W^T,  L = S,  U = B^T, unmasked, unscaled            ->  y
+        dx:       P = dy, Q = W,    L = dS, U = A,   sum_s c_s keep_s ⊙ (dS_s A_s)  ->  dx
         plain:    dS = dy B,  dB = dy^T S (split over M),  x W^T (``linear``),  y += S B^T (unfused)
-    _shrink_kernel           S[:, s] = (keep_s ⊙ x) A_s^T                          (M, R)
-    _lowrank_grad_a_kernel   G[j, s] = dS_s^T (keep_s ⊙ x) over the rows of slice j   (splits, R, K)
-                             (the launcher sums the slices and multiplies by c_s: dA_s = c_s dS_s^T D_s(x))
-    _dropout_mask_kernel     keep[s, m, k]                                        (n, M, K)
+    _shrink_kernel           S[:, s] = c_s (keep_s ⊙ x) A_s^T, and the packed mask    (M, R), (M, K/2)
+    _lowrank_grad_a_kernel   G[j, s] = c_s dS_s^T (keep_s ⊙ x) over the rows of slice j (splits, R, K)
+                             (the launcher sums the slices: dA_s = c_s dS_s^T D_s(x))
+    _dropout_mask_kernel     keep[s, m, k]                                            (n, M, K)
 
-Row offsets are 64-bit, so M*K or M*N beyond 2^31 elements are addressed correctly.
+Row offsets are 64-bit, so M*K or M*N beyond 2^31 elements are addressed correctly. ``seed`` and the
+threshold are never specialised by the launcher (``do_not_specialize``): a seed divisible by 16 must not
+compile another variant.
 """
 import triton
 import triton.language as tl
 
 # Philox4x32 with 7 rounds passes BigCrush (Salmon et al., SC'11); 3 fewer rounds than the default.
 _PHILOX_ROUNDS = tl.constexpr(7)
+_NO_SPECIALIZE = ["seed", "threshold"]
 
 
 @triton.jit
@@ -43,12 +78,61 @@ def _philox_words(seed, rows, first_col, row_len, HALF_COLS: tl.constexpr):
 
 
 @triton.jit
-def _keeps(w0, w1, w2, w3, branch, threshold):
-    """Branch ``branch``'s keep-mask (len(rows), 2 * HALF_COLS) from the four words of ``_philox_words``."""
-    bits = tl.where(branch == 0, w0, tl.where(branch == 1, w1, tl.where(branch == 2, w2, w3)))
-    even = (bits & 0xFFFF).to(tl.int32)
-    odd = (bits >> 16).to(tl.int32)
-    return tl.interleave(even, odd) >= threshold
+def _drawn_mask(seed, threshold, rows, first_col, row_len, HALF_COLS: tl.constexpr, BRANCHES: tl.constexpr):
+    """The packed mask bytes (len(rows), HALF_COLS) as int32: bit s keeps the pair's even element for
+    branch s, bit 4 + s its odd element (layout in the module docstring).
+
+    Both 16-bit halves of a word are tested at once (SWAR): with H = 0x80008000, d = (w | H) - (t & ~H)
+    per half (no borrow crosses halves) has bit 15 of each half set iff w's low 15 bits >= t's, and
+    ((w & ~t) | (~(w ^ t) & d)) & H adds the top bits: bit 15 and 31 say lo >= t and hi >= t.
+    """
+    w0, w1, w2, w3 = _philox_words(seed, rows, first_col, row_len, HALF_COLS)
+    t = threshold.to(tl.uint32)
+    t2 = t | (t << 16)
+    high = tl.full((1,), 0x80008000, tl.uint32)
+    acc = (w0 * 0).to(tl.uint32)
+    for branch in tl.static_range(BRANCHES):
+        w = w0 if branch == 0 else (w1 if branch == 1 else (w2 if branch == 2 else w3))
+        d = (w | high) - (t2 & ~high)
+        ge = ((w & ~t2) | (~(w ^ t2) & d)) & high
+        acc |= ge >> (15 - branch)  # even element's bit at s, odd element's at 16 + s
+    return ((acc | (acc >> 12)) & 0xFF).to(tl.int32)
+
+
+@triton.jit
+def _stored_mask(mask_ptr, rows, first_col, M, K, stride_mm, HALF_COLS: tl.constexpr):
+    """The packed mask bytes (len(rows), HALF_COLS) as int32, read from the shrink's mask (M, ceil(K/2))."""
+    pairs = first_col // 2 + tl.arange(0, HALF_COLS)
+    inside = (rows < M)[:, None] & (pairs < (K + 1) // 2)[None, :]
+    ptrs = mask_ptr + rows.to(tl.int64)[:, None] * stride_mm + pairs[None, :]
+    return tl.load(ptrs, mask=inside, other=0).to(tl.int32)
+
+
+@triton.jit
+def _element_bits(packed):
+    """Per-element branch bits (rows, 2 * HALF_COLS) from packed pairs (rows, HALF_COLS)."""
+    return tl.interleave(packed & 0xF, packed >> 4)
+
+
+@triton.jit
+def _mask_bits(seed, threshold, mask_ptr, rows, first_col, M, K, stride_mm,
+               HALF_COLS: tl.constexpr, BRANCHES: tl.constexpr, MASK_SOURCE: tl.constexpr):
+    """Per-element branch bits of x[rows, first_col:first_col + 2 * HALF_COLS]: drawn (MASK_SOURCE 1) or
+    read from the stored mask (MASK_SOURCE 2); the same bits either way."""
+    if MASK_SOURCE == 1:
+        packed = _drawn_mask(seed, threshold, rows, first_col, K, HALF_COLS, BRANCHES)
+    else:
+        packed = _stored_mask(mask_ptr, rows, first_col, M, K, stride_mm, HALF_COLS)
+    return _element_bits(packed)
+
+
+@triton.jit
+def _rank_coefficients(bounds_ptr, rr, c0, c1, c2, c3):
+    """c_s of the branch owning each rank index in ``rr``."""
+    b1 = tl.load(bounds_ptr + 1)
+    b2 = tl.load(bounds_ptr + 2)
+    b3 = tl.load(bounds_ptr + 3)
+    return tl.where(rr < b1, c0, tl.where(rr < b2, c1, tl.where(rr < b3, c2, c3)))
 
 
 @triton.jit
@@ -66,11 +150,12 @@ def _grouped_tile(pid, rows, cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 @triton.jit
 def _accumulate_low_rank(
-    acc, l_ptr, u_ptr, rm, rn, M, N, r_lo, r_hi,
+    acc, l_ptr, u_ptr, bounds_ptr, rm, rn, M, N, r_lo, r_hi, c0, c1, c2, c3,
     stride_lm, stride_lr, stride_ur, stride_un,
-    BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr, SCALE_L: tl.constexpr,
 ):
-    """acc + L[rm, r_lo:r_hi] U[r_lo:r_hi, rn], the rank range walked in BLOCK_R steps.
+    """acc + L[rm, r_lo:r_hi] U[r_lo:r_hi, rn], the rank range walked in BLOCK_R steps; SCALE_L: L's
+    columns times their branch's c_s first (rounded to L's dtype, as a scaled copy of L would be).
 
     Not software-pipelined (num_stages=1): a few steps at most, and its buffers would add to the main
     loop's shared memory.
@@ -82,6 +167,9 @@ def _accumulate_low_rank(
             l_ptr + rm[:, None] * stride_lm + rr[None, :] * stride_lr,
             mask=(rm < M)[:, None] & in_rank[None, :], other=0.0,
         )
+        if SCALE_L:
+            coef = _rank_coefficients(bounds_ptr, rr, c0, c1, c2, c3)
+            l_tile = (l_tile.to(acc.dtype) * coef[None, :]).to(l_tile.dtype)
         u_tile = tl.load(
             u_ptr + rr[:, None] * stride_ur + rn[None, :] * stride_un,
             mask=in_rank[:, None] & (rn < N)[None, :], other=0.0,
@@ -90,21 +178,23 @@ def _accumulate_low_rank(
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _matmul_lowrank_kernel(
-    p_ptr, q_ptr, c_ptr, bias_ptr, l_ptr, u_ptr, bounds_ptr,
-    M, N, K, R, seed, threshold,
+    p_ptr, q_ptr, c_ptr, bias_ptr, l_ptr, u_ptr, bounds_ptr, mask_ptr,
+    M, N, K, R, seed, threshold, c0, c1, c2, c3,
     stride_pm, stride_pk, stride_qk, stride_qn, stride_cs, stride_cm, stride_cn,
-    stride_lm, stride_lr, stride_ur, stride_un,
-    HAS_BIAS: tl.constexpr, HAS_LOW_RANK: tl.constexpr, MASKED_BRANCHES: tl.constexpr,
+    stride_lm, stride_lr, stride_ur, stride_un, stride_mm,
+    HAS_BIAS: tl.constexpr, HAS_LOW_RANK: tl.constexpr, SCALE_LOW_RANK: tl.constexpr,
+    MASKED_BRANCHES: tl.constexpr, MASK_SOURCE: tl.constexpr,
     ACCUMULATE: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """C[split] (+)= P[:, slice] Q[slice, :] (+ bias + low-rank term when SPLIT_K == 1).
 
-    MASKED_BRANCHES == 0: the low-rank term is L U over all R columns; otherwise it is the sum over that
-    many branches of keep_s ⊙ (L_s U_s), keep_s drawn at C's element (m, n) of an (M, N) x-shaped matrix.
+    MASKED_BRANCHES == 0: the low-rank term is L U over all R columns (SCALE_LOW_RANK: L's columns times
+    c_s); otherwise it is sum_s c_s keep_s ⊙ (L_s U_s) over that many branches, keep_s at C's element (m, n)
+    of an (M, N) x-shaped matrix, drawn (MASK_SOURCE 1) or read from ``mask_ptr`` (MASK_SOURCE 2).
     With SPLIT_K > 1, program axis 1 picks a slice of the reduction and writes C + slice * stride_cs.
     """
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -130,19 +220,20 @@ def _matmul_lowrank_kernel(
     if HAS_LOW_RANK:
         if MASKED_BRANCHES == 0:
             acc = _accumulate_low_rank(
-                acc, l_ptr, u_ptr, rm, rn, M, N, 0, R,
-                stride_lm, stride_lr, stride_ur, stride_un, BLOCK_R, DOT_PRECISION,
+                acc, l_ptr, u_ptr, bounds_ptr, rm, rn, M, N, 0, R, c0, c1, c2, c3,
+                stride_lm, stride_lr, stride_ur, stride_un, BLOCK_R, DOT_PRECISION, SCALE_LOW_RANK,
             )
         else:
-            w0, w1, w2, w3 = _philox_words(seed, rm, pid_n * BLOCK_N, N, BLOCK_N // 2)
+            bits = _mask_bits(seed, threshold, mask_ptr, rm, pid_n * BLOCK_N, M, N, stride_mm,
+                              BLOCK_N // 2, MASKED_BRANCHES, MASK_SOURCE)
             for branch in tl.static_range(MASKED_BRANCHES):
-                r_lo = tl.load(bounds_ptr + branch)
-                r_hi = tl.load(bounds_ptr + branch + 1)
+                coef = c0 if branch == 0 else (c1 if branch == 1 else (c2 if branch == 2 else c3))
                 part = _accumulate_low_rank(
-                    tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE), l_ptr, u_ptr, rm, rn, M, N, r_lo, r_hi,
-                    stride_lm, stride_lr, stride_ur, stride_un, BLOCK_R, DOT_PRECISION,
+                    tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE), l_ptr, u_ptr, bounds_ptr, rm, rn, M, N,
+                    tl.load(bounds_ptr + branch), tl.load(bounds_ptr + branch + 1), c0, c1, c2, c3,
+                    stride_lm, stride_lr, stride_ur, stride_un, BLOCK_R, DOT_PRECISION, False,
                 )
-                acc += tl.where(_keeps(w0, w1, w2, w3, branch, threshold), part, 0.0)
+                acc += tl.where(((bits >> branch) & 1) != 0, part * coef, 0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(ACC_DTYPE)[None, :]
 
@@ -153,23 +244,25 @@ def _matmul_lowrank_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=in_c)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _shrink_kernel(
-    x_ptr, a_ptr, s_ptr, bounds_ptr,
-    M, K, R, seed, threshold,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
-    MASKED_BRANCHES: tl.constexpr, RANK_TILES: tl.constexpr,
+    x_ptr, a_ptr, s_ptr, bounds_ptr, mask_ptr,
+    M, K, R, seed, threshold, c0, c1, c2, c3,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr, stride_mm,
+    MASKED_BRANCHES: tl.constexpr, WRITE_MASK: tl.constexpr, RANK_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
-    """S[rows, r-tile] = sum_s (keep_s ⊙ x[rows]) A[r-tile ∩ branch s]^T  (no masks: x[rows] A[r-tile]^T).
+    """S[rows, r-tile] = c_s sum_s (keep_s ⊙ x[rows]) A[r-tile ∩ branch s]^T  (no masks: c_s x[rows] A^T).
 
     Program ``pid`` = row tile * RANK_TILES + rank tile. x's tile is loaded and its Philox words drawn
     once per step for every branch; each branch adds one product with the other branches' A rows zeroed.
+    WRITE_MASK: the programs of rank tile 0 also store the packed mask bytes of their rows.
     """
     pid_m = tl.program_id(0) // RANK_TILES
+    rank_tile = tl.program_id(0) % RANK_TILES
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rr = (tl.program_id(0) % RANK_TILES) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rr = rank_tile * BLOCK_R + tl.arange(0, BLOCK_R)
     rk = tl.arange(0, BLOCK_K)
     # Out-of-range rows of x and A are read at a safe index and their results dropped at the store: only
     # the reduction (K) needs a load mask, which keeps the loop pipelined.
@@ -183,32 +276,42 @@ def _shrink_kernel(
         if MASKED_BRANCHES == 0:
             acc = tl.dot(x_tile, a_tile, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         else:
-            w0, w1, w2, w3 = _philox_words(seed, rm, k0, K, BLOCK_K // 2)
+            packed = _drawn_mask(seed, threshold, rm, k0, K, BLOCK_K // 2, MASKED_BRANCHES)
+            if WRITE_MASK:
+                pairs = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                rows_written = tl.where(rank_tile == 0, M, 0)  # one rank tile writes the mask
+                tl.store(
+                    mask_ptr + rm[:, None] * stride_mm + pairs[None, :], packed.to(tl.uint8),
+                    mask=(rm < rows_written)[:, None] & (pairs < (K + 1) // 2)[None, :],
+                )
+            bits = _element_bits(packed)
             for branch in tl.static_range(MASKED_BRANCHES):
                 in_branch = (rr >= tl.load(bounds_ptr + branch)) & (rr < tl.load(bounds_ptr + branch + 1))
                 acc = tl.dot(
-                    tl.where(_keeps(w0, w1, w2, w3, branch, threshold), x_tile, 0.0),
+                    tl.where(((bits >> branch) & 1) != 0, x_tile, 0.0),
                     tl.where(in_branch[None, :], a_tile, 0.0),
                     acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE,
                 )
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K * stride_ak
+    acc *= _rank_coefficients(bounds_ptr, rr, c0, c1, c2, c3)[None, :]
     tl.store(
         s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
         acc.to(s_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rr < R)[None, :],
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _lowrank_grad_a_kernel(
-    ds_ptr, x_ptr, g_ptr, bounds_ptr,
-    M, K, R, seed, threshold,
-    stride_dsm, stride_dsr, stride_xm, stride_xk, stride_gs, stride_gr, stride_gk,
-    MASKED_BRANCHES: tl.constexpr, SPLIT_M: tl.constexpr,
+    ds_ptr, x_ptr, g_ptr, bounds_ptr, mask_ptr,
+    M, K, R, seed, threshold, c0, c1, c2, c3,
+    stride_dsm, stride_dsr, stride_xm, stride_xk, stride_gs, stride_gr, stride_gk, stride_mm,
+    MASKED_BRANCHES: tl.constexpr, MASK_SOURCE: tl.constexpr, SPLIT_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
-    """G[slice, r-tile, cols] = sum_s dS[rows, r-tile ∩ branch s]^T (keep_s ⊙ x[rows, cols]), rows of the slice.
+    """G[slice, r-tile, cols] = c_s sum_s dS[rows, r-tile ∩ branch s]^T (keep_s ⊙ x[rows, cols]), rows of
+    the slice; stored in G's dtype (the final dA when SPLIT_M == 1).
 
     Axis 0: rank tile (adjacent programs share x's tile); axis 1: column tile of x; axis 2: slice of rows.
     """
@@ -229,32 +332,34 @@ def _lowrank_grad_a_kernel(
         if MASKED_BRANCHES == 0:
             acc = tl.dot(ds_tile, x_tile, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         else:
-            w0, w1, w2, w3 = _philox_words(seed, m0 + rows, tl.program_id(1) * BLOCK_K, K, BLOCK_K // 2)
+            bits = _mask_bits(seed, threshold, mask_ptr, m0 + rows, tl.program_id(1) * BLOCK_K, M, K, stride_mm,
+                              BLOCK_K // 2, MASKED_BRANCHES, MASK_SOURCE)
             for branch in tl.static_range(MASKED_BRANCHES):
                 in_branch = (rr >= tl.load(bounds_ptr + branch)) & (rr < tl.load(bounds_ptr + branch + 1))
                 acc = tl.dot(
                     tl.where(in_branch[:, None], ds_tile, 0.0),
-                    tl.where(_keeps(w0, w1, w2, w3, branch, threshold), x_tile, 0.0),
+                    tl.where(((bits >> branch) & 1) != 0, x_tile, 0.0),
                     acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE,
                 )
         ds_ptrs += BLOCK_M * stride_dsm
         x_ptrs += BLOCK_M * stride_xm
+    acc *= _rank_coefficients(bounds_ptr, rr, c0, c1, c2, c3)[:, None]
     tl.store(
         g_ptr + tl.program_id(2) * stride_gs + rr[:, None] * stride_gr + rk[None, :] * stride_gk,
-        acc, mask=(rr < R)[:, None] & (rk < K)[None, :],
+        acc.to(g_ptr.dtype.element_ty), mask=(rr < R)[:, None] & (rk < K)[None, :],
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _dropout_mask_kernel(
     keep_ptr, M, K, seed, threshold,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BRANCHES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """keep[branch, rows, cols] as int8, exactly as the other kernels draw it; axis 2 = branch."""
-    branch = tl.program_id(2)
+    """keep[branch, rows, cols] as int8 for every branch, exactly as the shrink draws them."""
     rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    w0, w1, w2, w3 = _philox_words(seed, rm, tl.program_id(1) * BLOCK_K, K, BLOCK_K // 2)
-    keep = _keeps(w0, w1, w2, w3, branch, threshold)
-    offsets = branch.to(tl.int64) * M * K + rm[:, None] * K + rk[None, :]
-    tl.store(keep_ptr + offsets, keep.to(tl.int8), mask=(rm < M)[:, None] & (rk < K)[None, :])
+    bits = _element_bits(_drawn_mask(seed, threshold, rm, tl.program_id(1) * BLOCK_K, K, BLOCK_K // 2, BRANCHES))
+    inside = (rm < M)[:, None] & (rk < K)[None, :]
+    for branch in tl.static_range(BRANCHES):
+        offsets = branch * M * K + rm[:, None] * K + rk[None, :]
+        tl.store(keep_ptr + offsets, ((bits >> branch) & 1).to(tl.int8), mask=inside)

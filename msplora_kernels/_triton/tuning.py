@@ -6,20 +6,25 @@ deterministic (one shape, one configuration). The Hopper defaults follow the usu
 (128 x 128 x 64 tiles, 8 warps, 4 stages, grouped tile order); none of them is measured yet.
 
 ``prefer_fused`` is the one rule that decides, under ``forced_path("auto")``, between the fused GEMM and
-the unfused path (cuBLAS GEMM + our shrink/expand kernels). Its thresholds are provisional until the GPU
-benchmark (``benchmarks/gpu_check.sh``) justifies them.
+the unfused path (cuBLAS GEMM + our low-rank kernels): the fused GEMM only where the committed tuning table
+(``tuning_table.py``, written on a GPU by ``python -m msplora_kernels._triton.tune``, run by
+``benchmarks/gpu_check.sh``) holds a measurement for exactly this key (GPU name, torch and triton versions,
+dtype, N, K, rank layout, dropout on/off, M bucket, forward or backward) in which the fused path took at most
+``FUSED_MIN_GAIN`` of the unfused time (3% faster). An unmeasured key never runs our GEMM.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 import triton
 
-# A small-M GEMM leaves most SMs idle in our one-tile-per-program kernel, while cuBLAS picks split-K or
-# narrow tiles; below this many rows the extra read and write of Y in the unfused path is the cheaper cost.
-FUSED_MIN_ROWS = 1024
+# The fused GEMM must take at most this fraction of the unfused path's measured time to be chosen.
+FUSED_MIN_GAIN = 0.97
+OPS = ("forward", "backward")
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,14 @@ _MATMUL_32BIT_MASKED = {
     9: MatmulConfig(128, 64, 32, 8, 8, 3),
     8: MatmulConfig(64, 64, 32, 8, 4, 3),
     None: MatmulConfig(64, 64, 16, 8, 4, 2),
+}
+# The dx epilogue drawing the masks again (the saved mask was not found: rare) holds Philox state for the
+# whole tile: 128 x 64 spills on sm_90 (compile_check), 64 x 64 does not.
+_MATMUL_16BIT_REDRAW = {
+    "interpreter": MatmulConfig(32, 32, 32, 2, 1, 1, 32),
+    9: MatmulConfig(64, 64, 64, 8, 8, 4),
+    8: MatmulConfig(64, 64, 32, 8, 8, 4),
+    None: MatmulConfig(64, 64, 32, 8, 4, 3),
 }
 # The unfused path's epilogue-only launch (y += S B^T, dx += masked dS A): no main loop to feed.
 _EPILOGUE_ONLY = {
@@ -138,11 +151,37 @@ def _lookup(table: dict, device: torch.device):
     return table.get(arch, table[None])
 
 
-def matmul_config(device: torch.device, dtype: torch.dtype, masked: bool = False) -> MatmulConfig:
-    """The main GEMM's tiles; ``masked``: its epilogue draws dropout masks (the fused dx)."""
+def matmul_config(device: torch.device, dtype: torch.dtype, masked: bool = False, redraw: bool = False) -> MatmulConfig:
+    """The main GEMM's tiles; ``masked``: its epilogue applies dropout masks (the fused dx), ``redraw``: it
+    draws them with Philox instead of reading the saved mask."""
     if dtype in (torch.float16, torch.bfloat16):
+        if masked and redraw:
+            return _lookup(_MATMUL_16BIT_REDRAW, device)
         return _lookup(_MATMUL_16BIT_MASKED if masked else _MATMUL_16BIT, device)
     return _lookup(_MATMUL_32BIT_MASKED if masked else _MATMUL_32BIT, device)
+
+
+def for_strides(config: MatmulConfig, strides: Sequence[int]) -> MatmulConfig:
+    """The config for a main loop over operands with these strides: where a stride is neither 1 nor a
+    multiple of 16 elements the loads cannot be vectorised or asynchronous, every element carries its own
+    64-bit address, and the usual tiles spill registers (compile_check at K = 72); such loops get tiles of
+    at most 64 x 64 x 32 and no software pipeline."""
+    if all(s == 1 or s % 16 == 0 for s in strides):
+        return config
+    return MatmulConfig(min(config.block_m, 64), min(config.block_n, 64), min(config.block_k, 32), config.group_m,
+                        config.num_warps, 1, config.max_block_r)
+
+
+def shrink_config(config: LowRankConfig, block_r: int, strides: Sequence[int]) -> LowRankConfig:
+    """The shrink's tiles for a rank tile of ``block_r`` over x with these strides. A 128-wide rank tile
+    takes 32 columns of x per step (64 x 128 accumulators plus wider steps spill on sm_90, compile_check);
+    an x whose row stride is not a multiple of 16 elements is read in 32-column steps, unpipelined."""
+    block_k, stages = config.block_k, config.num_stages
+    if block_r > 64:
+        block_k = min(block_k, 32)
+    if not all(s == 1 or s % 16 == 0 for s in strides):
+        block_k, stages = min(block_k, 32), 1
+    return LowRankConfig(config.block_m, block_k, config.max_block_r, config.num_warps, stages)
 
 
 def epilogue_only_config(device: torch.device) -> MatmulConfig:
@@ -175,15 +214,75 @@ def reduction_splits(rows: int, device: torch.device) -> int:
     return max(1, min(_MAX_SPLIT.get(arch, _MAX_SPLIT[None]), rows // _ROWS_PER_SPLIT.get(arch, 1024)))
 
 
+def m_bucket(m: int) -> int:
+    """The M bucket of a call: the smallest power of two >= M (a measurement at M = 8192 covers 4097..8192)."""
+    return 1 << max(m - 1, 0).bit_length()
+
+
+def software_versions() -> Tuple[str, str]:
+    """(torch, triton) versions as the table records them: torch without its local build tag."""
+    return torch.__version__.split("+")[0], triton.__version__
+
+
+def table_key(gpu: str, torch_version: str, triton_version: str, dtype: str, n: int, k: int,
+              ranks: Sequence[int], dropout: bool, m: int, op: str) -> Tuple:
+    """The key of one tuning-table entry (``m`` is bucketed)."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    return (gpu, torch_version, triton_version, dtype, int(n), int(k), ",".join(str(int(r)) for r in ranks),
+            bool(dropout), m_bucket(int(m)), op)
+
+
+_ENTRY_FIELDS = ("gpu", "torch", "triton", "dtype", "n", "k", "ranks", "dropout", "m_bucket", "op",
+                 "fused_ms", "unfused_ms")
+
+
+def parse_table(entries: Iterable[dict]) -> Dict[Tuple, bool]:
+    """{key: fused path chosen} from tuning-table entries; a malformed entry raises, naming what is wrong."""
+    decisions: Dict[Tuple, bool] = {}
+    for index, entry in enumerate(entries):
+        missing = [f for f in _ENTRY_FIELDS if f not in entry]
+        if missing:
+            raise ValueError(f"tuning table entry {index}: missing fields {missing}")
+        fused, unfused = float(entry["fused_ms"]), float(entry["unfused_ms"])
+        if not (fused > 0 and unfused > 0):
+            raise ValueError(f"tuning table entry {index}: times must be positive, got {fused} and {unfused}")
+        if entry["m_bucket"] != m_bucket(int(entry["m_bucket"])):
+            raise ValueError(f"tuning table entry {index}: m_bucket {entry['m_bucket']} is not a power of two")
+        ranks = [int(r) for r in str(entry["ranks"]).split(",")]
+        key = table_key(entry["gpu"], entry["torch"], entry["triton"], entry["dtype"], entry["n"], entry["k"],
+                        ranks, entry["dropout"], entry["m_bucket"], entry["op"])
+        decisions[key] = fused <= FUSED_MIN_GAIN * unfused
+    return decisions
+
+
+@functools.lru_cache(maxsize=1)
+def _committed_decisions() -> Dict[Tuple, bool]:
+    from . import tuning_table
+
+    return parse_table(tuning_table.ENTRIES)
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
 def prefer_fused(
-    m: int, n: int, k: int, device: torch.device, dtype: torch.dtype, forced: Optional[str] = None
+    m: int, n: int, k: int, device: torch.device, dtype: torch.dtype, forced: Optional[str] = None,
+    ranks: Tuple[int, ...] = (), dropout: bool = False, op: str = "forward",
+    decisions: Optional[Dict[Tuple, bool]] = None,
 ) -> bool:
-    """The ``auto`` rule: the fused GEMM for fp16/bf16 with enough rows, else cuBLAS GEMM + our low-rank
-    kernels (fp32 too: our fp32 GEMM is exact-fp32 FMA unless TF32 is allowed, far below cuBLAS)."""
+    """The ``auto`` rule: the fused GEMM only where the tuning table measured it >= 3% faster for this key;
+    cuBLAS GEMM + our low-rank kernels everywhere else (and always off CUDA, where nothing was measured)."""
     if forced == "fused":
         return True
     if forced == "unfused":
         return False
     if device.type != "cuda":
-        return True  # the interpreter exercises the fused kernels; speed means nothing there
-    return dtype in (torch.float16, torch.bfloat16) and m >= FUSED_MIN_ROWS
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = table_key(_gpu_name(index), *software_versions(), _DTYPE_NAMES.get(dtype, str(dtype)), n, k, ranks,
+                    dropout, m, op)
+    table = _committed_decisions() if decisions is None else decisions
+    return table.get(key, False)

@@ -1,0 +1,209 @@
+"""The tuning step: measure our fused GEMM against cuBLAS + our low-rank kernels, per key, on this GPU, and
+write the table ``tuning.prefer_fused`` reads (``_triton/tuning_table.py``, committed with device, commit
+and date). Run by ``benchmarks/gpu_check.sh``; by hand:
+
+    python -m msplora_kernels._triton.tune --preset llama7b --out msplora_kernels/_triton/tuning_table.py
+
+Each key (GPU name, torch and triton versions, dtype, N, K, rank layout, dropout on/off, M bucket) gets two
+entries, ``forward`` (S and y) and ``backward`` (dS, dB, dx, dA), each with the median time of both paths
+from ``triton.testing.do_bench``. Entries for other keys already in the table are kept (``--merge``).
+
+Also here: ``count_launches``, the kernels one layer call launches (Triton kernels and torch ops that run
+one), used by the tests.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import pprint
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from . import kernels, tuning
+
+PRESETS = {
+    "llama7b": {"shapes": [(m, k, n) for m in (4096, 8192) for k, n in ((4096, 4096), (4096, 11008), (11008, 4096))],
+                "ranks": [(8, 4, 2), (64, 32, 16)], "dropouts": [0.0, 0.05]},
+    "quick": {"shapes": [(8192, 4096, 4096), (8192, 4096, 11008)], "ranks": [(8, 4, 2)], "dropouts": [0.0, 0.05]},
+}
+_HEADER = '''"""Measured fused-vs-unfused times per key, read by ``tuning.prefer_fused`` (the fused GEMM runs only where an
+entry here says it is at least 3% faster). Written by ``python -m msplora_kernels._triton.tune`` on a GPU
+(``benchmarks/gpu_check.sh`` runs it) and committed; each entry records the device, commit and date.
+"""
+
+'''
+
+
+def write_table(path: str, entries: Sequence[dict], merge: bool = False) -> List[dict]:
+    """Write ``entries`` as the table module at ``path``; ``merge``: keep the entries already there whose
+    keys the new ones do not replace. Returns what was written."""
+    new = list(entries)
+    tuning.parse_table(new)  # refuse to write anything prefer_fused could not read
+    if merge and os.path.exists(path):
+        namespace: Dict[str, object] = {}
+        with open(path, encoding="utf-8") as file:
+            exec(compile(file.read(), path, "exec"), namespace)  # our own generated file: a literal list
+        fresh = set(tuning.parse_table(new))
+        old = [e for e in namespace.get("ENTRIES", []) if next(iter(tuning.parse_table([e]))) not in fresh]
+        new = old + new
+    with open(path + ".tmp", "w", encoding="utf-8") as file:
+        file.write(_HEADER + "ENTRIES = " + pprint.pformat(new, width=116, sort_dicts=False) + "\n")
+    os.replace(path + ".tmp", path)  # a failed write leaves the old table
+    return new
+
+
+# ---- launch counting ----------------------------------------------------------------------------------------
+
+_NO_LAUNCH = {"empty", "empty_strided", "empty_like", "view", "_unsafe_view", "t", "transpose", "as_strided",
+              "slice", "select", "expand", "detach", "alias", "set_", "unsqueeze", "squeeze", "permute", "split",
+              "split_with_sizes", "unbind", "reshape", "_reshape_alias", "lift_fresh", "sym_size", "sym_stride",
+              "sym_numel", "sym_storage_offset", "is_contiguous"}
+
+
+def count_launches(x, weight, bias, branches, p: float = 0.0, seed: int = 3) -> Dict[str, Dict[str, int]]:
+    """Kernels the Triton backend launches for one layer's forward and backward, per path: each Triton launch
+    counts one, each torch op that runs a kernel (not allocation or views) one."""
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+    from .. import triton_backend
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    dtype = torch.float32
+    x, weight = x.to(device, dtype), weight.to(device, dtype)
+    bias = None if bias is None else bias.to(device, dtype)
+    a_cat = torch.cat([a for a, _, _ in branches]).to(device, dtype)
+    b_cat = torch.cat([b for _, b, _ in branches], dim=1).to(device, dtype)
+    ranks, scalings = [a.shape[0] for a, _, _ in branches], [c for _, _, c in branches]
+    dy = torch.randn(x.shape[0], weight.shape[0], device=device, dtype=dtype)
+    count = [0]
+
+    class Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in _NO_LAUNCH:
+                count[0] += 1
+            return func(*args, **(kwargs or {}))
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                count[0] += 1
+                with _disable_current_modes():  # the interpreter's own tensor work is not a launch
+                    return self.kernel[grid](*args, **meta)
+            return launch
+
+    names = ["_matmul_lowrank_kernel", "_shrink_kernel", "_lowrank_grad_a_kernel"]
+    saved = {name: getattr(kernels, name) for name in names}
+    result: Dict[str, Dict[str, int]] = {}
+    try:
+        for name in names:
+            setattr(kernels, name, Spy(saved[name]))
+        for path in ("unfused", "fused"):
+            with triton_backend.forced_path(path):
+                triton_backend.forward(x, weight, bias, a_cat, b_cat, ranks, scalings, p, seed)  # warm caches
+                count[0] = 0
+                with Counter():
+                    y, s = triton_backend.forward(x, weight, bias, a_cat, b_cat, ranks, scalings, p, seed)
+                forward = count[0]
+                count[0] = 0
+                with Counter():
+                    triton_backend.backward(dy, x, s, weight, a_cat, b_cat, ranks, scalings, p, seed, True)
+                result[path] = {"forward": forward, "backward": count[0]}
+    finally:
+        for name, kernel in saved.items():
+            setattr(kernels, name, kernel)
+    return result
+
+
+# ---- measuring on a GPU -------------------------------------------------------------------------------------
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(__file__), timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def measure(shapes, rank_sets, dropouts, dtype: torch.dtype, warmup_ms: int, rep_ms: int,
+            deadline: Optional[float] = None) -> List[dict]:
+    """Median times (ms) of both paths per key and op on the current GPU; stops at ``deadline`` (time.time())."""
+    import triton.testing
+
+    from .. import triton_backend
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    gpu = torch.cuda.get_device_name(device)
+    torch_version, triton_version = tuning.software_versions()
+    commit, date = _commit(), datetime.date.today().isoformat()
+    entries = []
+    for m, k, n in shapes:
+        for ranks in rank_sets:
+            ranks = tuple(r for r in ranks if r)
+            for p in dropouts:
+                if deadline is not None and time.time() > deadline:
+                    print("tune: time limit reached, table partial", flush=True)
+                    return entries
+                g = torch.Generator(device=device).manual_seed(0)
+                x = torch.randn(m, k, device=device, generator=g).to(dtype)
+                weight = (torch.randn(n, k, device=device, generator=g) / k**0.5).to(dtype)
+                a_cat = (torch.randn(sum(ranks), k, device=device, generator=g) / k**0.5).to(dtype)
+                b_cat = (torch.randn(n, sum(ranks), device=device, generator=g) * 0.01).to(dtype)
+                dy = torch.randn(m, n, device=device, generator=g).to(dtype)
+                scalings = [16.0 / r for r in ranks]
+                times = {}
+                for path in ("fused", "unfused"):
+                    with triton_backend.forced_path(path):
+                        fwd = lambda: triton_backend.forward(x, weight, None, a_cat, b_cat, ranks, scalings, p, 11)  # noqa: E731
+                        _, s = fwd()
+                        bwd = lambda: triton_backend.backward(dy, x, s, weight, a_cat, b_cat, ranks, scalings, p, 11,  # noqa: E731
+                                                              True)
+                        times[path] = (triton.testing.do_bench(fwd, warmup=warmup_ms, rep=rep_ms),
+                                       triton.testing.do_bench(bwd, warmup=warmup_ms, rep=rep_ms))
+                for index, op in enumerate(tuning.OPS):
+                    entry = dict(gpu=gpu, torch=torch_version, triton=triton_version,
+                                 dtype=tuning._DTYPE_NAMES[dtype], n=n, k=k, ranks=",".join(map(str, ranks)),
+                                 dropout=triton_backend._threshold(p) > 0, m_bucket=tuning.m_bucket(m), op=op,
+                                 fused_ms=round(times["fused"][index], 5), unfused_ms=round(times["unfused"][index], 5),
+                                 device=gpu, commit=commit, date=date)
+                    entries.append(entry)
+                    ratio = entry["fused_ms"] / entry["unfused_ms"]
+                    print(f"tune {m}x{k}x{n} r{'/'.join(map(str, ranks))} p{p:g} {op:8s} fused {entry['fused_ms']:.4f} ms"
+                          f" unfused {entry['unfused_ms']:.4f} ms ratio {ratio:.3f} -> "
+                          f"{'fused' if ratio <= tuning.FUSED_MIN_GAIN else 'unfused'}", flush=True)
+                del x, weight, a_cat, b_cat, dy, s
+    return entries
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="llama7b")
+    parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "tuning_table.py"))
+    parser.add_argument("--no-merge", action="store_true", help="replace the whole table instead of merging")
+    parser.add_argument("--warmup-ms", type=int, default=5)
+    parser.add_argument("--rep-ms", type=int, default=20)
+    parser.add_argument("--time-limit", type=float, default=None, help="seconds; the table is written partial")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("the tuning step measures on a CUDA GPU; there is none here")
+    preset = PRESETS[args.preset]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    deadline = time.time() + args.time_limit if args.time_limit else None
+    entries = measure(preset["shapes"], preset["ranks"], preset["dropouts"], dtype, args.warmup_ms, args.rep_ms,
+                      deadline)
+    written = write_table(args.out, entries, merge=not args.no_merge)
+    print(f"tune: wrote {len(entries)} measurements ({len(written)} entries in all) to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
