@@ -395,7 +395,7 @@ def forward(
         _launch_matmul(y, x, weight.t(), tuning.matmul_config(x.device, x.dtype), bias=bias, low_rank=low_rank)
     else:
         y = torch.nn.functional.linear(x, weight, bias)
-        _launch_matmul(y, None, None, tuning.epilogue_only_config(x.device), low_rank=low_rank, accumulate=True)
+        _launch_matmul(y, None, None, tuning.epilogue_only_config(x.device, x.dtype), low_rank=low_rank, accumulate=True)
     return y, s
 
 
@@ -440,7 +440,7 @@ def backward(
             _launch_matmul(dx, dy, weight, config, low_rank=low_rank, scaled=scaled, masked=masked)
         else:
             dx = dy @ weight
-            _launch_matmul(dx, None, None, tuning.epilogue_only_config(x.device), low_rank=low_rank,
+            _launch_matmul(dx, None, None, tuning.epilogue_only_config(x.device, x.dtype), low_rank=low_rank,
                            scaled=scaled, masked=masked, accumulate=True)
     da = _grad_a(ds, x, ranks, coefs, threshold, seed, mask)
     return dx, da, db

@@ -95,6 +95,13 @@ _EPILOGUE_ONLY = {
     8: MatmulConfig(64, 64, 64, 8, 8, 1),
     None: MatmulConfig(64, 64, 32, 8, 4, 1),
 }
+# fp32 epilogues multiply on FMA units with operands in registers: 64 x 64 and 32 x 64 tiles spill on sm_90.
+_EPILOGUE_ONLY_32BIT = {
+    "interpreter": MatmulConfig(32, 32, 32, 1, 1, 1, 32),
+    9: MatmulConfig(32, 32, 32, 8, 4, 1, 16),
+    8: MatmulConfig(32, 32, 32, 8, 4, 1, 16),
+    None: MatmulConfig(32, 32, 32, 8, 4, 1, 16),
+}
 _LOW_RANK_16BIT = {
     "interpreter": LowRankConfig(32, 32, 32, 1, 1),
     9: LowRankConfig(64, 128, 128, 4, 3),
@@ -104,8 +111,8 @@ _LOW_RANK_16BIT = {
 # fp32 products run on FMA units with operands in registers (no TF32 unless allowed): smaller steps.
 _LOW_RANK_32BIT = {
     "interpreter": LowRankConfig(32, 32, 32, 1, 1),
-    9: LowRankConfig(64, 32, 64, 4, 3),
-    8: LowRankConfig(64, 32, 64, 4, 3),
+    9: LowRankConfig(32, 32, 64, 4, 3),
+    8: LowRankConfig(32, 32, 64, 4, 3),
     None: LowRankConfig(32, 32, 64, 4, 2),
 }
 # Narrow outputs (dS: M x R, dB: N x R) are GEMMs whose output width is the rank tile (block_n: its maximum).
@@ -115,10 +122,10 @@ _LOW_RANK_MASKED_16BIT = {
     8: LowRankConfig(64, 64, 64, 8, 3),
     None: LowRankConfig(32, 32, 64, 4, 2),
 }
-_LOW_RANK_MASKED_32BIT = {
+_LOW_RANK_MASKED_32BIT = {  # 64-row tiles spill on sm_90 in fp32 (compile_check)
     "interpreter": LowRankConfig(32, 32, 32, 1, 1),
-    9: LowRankConfig(64, 32, 64, 8, 3),
-    8: LowRankConfig(64, 32, 64, 8, 3),
+    9: LowRankConfig(32, 32, 64, 8, 3),
+    8: LowRankConfig(32, 32, 64, 8, 3),
     None: LowRankConfig(32, 32, 64, 4, 2),
 }
 _NARROW_MATMUL_16BIT = {
@@ -129,8 +136,8 @@ _NARROW_MATMUL_16BIT = {
 }
 _NARROW_MATMUL_32BIT = {
     "interpreter": MatmulConfig(32, 32, 32, 1, 1, 1, 32),
-    9: MatmulConfig(64, 64, 32, 8, 4, 3),
-    8: MatmulConfig(64, 64, 32, 8, 4, 3),
+    9: MatmulConfig(32, 64, 32, 8, 4, 3),
+    8: MatmulConfig(32, 64, 32, 8, 4, 3),
     None: MatmulConfig(32, 64, 32, 8, 4, 2),
 }
 # Reductions over M (dA, dB) are split into at most this many slices, summed in a second pass, so that
@@ -184,7 +191,9 @@ def shrink_config(config: LowRankConfig, block_r: int, strides: Sequence[int]) -
     return LowRankConfig(config.block_m, block_k, config.max_block_r, config.num_warps, stages)
 
 
-def epilogue_only_config(device: torch.device) -> MatmulConfig:
+def epilogue_only_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> MatmulConfig:
+    if dtype in (torch.float32, torch.float64):
+        return _lookup(_EPILOGUE_ONLY_32BIT, device)
     return _lookup(_EPILOGUE_ONLY, device)
 
 
