@@ -57,6 +57,7 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: Tup
 
 
 _U_LOW = 2.0**-60
+_DRAW_MARGIN_SD = 6.0  # the first draw covers the expected count of dropped elements plus this many sd
 
 
 def _branch_coefficients(ranks: Sequence[int], scalings: Sequence[float], p: float) -> List[float]:
@@ -91,7 +92,7 @@ def dropped_positions(seed: int, total: int, p: float, device: torch.device) -> 
     start = 0  # the first position the next chunk may take
     while start < total:
         mean = (total - start) * p
-        n = int(mean + 6.0 * math.sqrt(mean) + 16)
+        n = max(16, int(mean + _DRAW_MARGIN_SD * math.sqrt(mean) + 16))
         # u in [2^-60, 1) keeps log(u) finite; ceil(log u / log(1 - p)) >= 1 is the geometric gap
         gaps = torch.empty(n, dtype=torch.float64, device=device).uniform_(_U_LOW, 1.0, generator=generator)
         gaps = gaps.log_().mul_(inv_log).ceil_()
