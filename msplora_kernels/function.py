@@ -182,19 +182,25 @@ class _MSPLoraLinearFunction(torch.autograd.Function):
         a_list, b_list = adapters[:n], adapters[n:]
         a_cat = (a_list[0] if n == 1 else torch.cat(a_list)).to(x.dtype)
         b_cat = (b_list[0] if n == 1 else torch.cat(b_list, dim=1)).to(x.dtype)
-        y, s = get_backend(backend).forward(x, weight, bias, a_cat, b_cat, ranks, scalings, p, seed)
-        ctx.save_for_backward(x, s, weight, a_cat, b_cat)
+        kept: List[torch.Tensor] = []
+        if backend == "torch" and p > 0:  # the PyTorch backend can hand its dropped positions to backward
+            y, s = get_backend(backend).forward(x, weight, bias, a_cat, b_cat, ranks, scalings, p, seed,
+                                                keep_positions=kept)
+        else:
+            y, s = get_backend(backend).forward(x, weight, bias, a_cat, b_cat, ranks, scalings, p, seed)
+        ctx.save_for_backward(x, s, weight, a_cat, b_cat, *kept)
         ctx.meta = (ranks, scalings, p, seed, backend, bias is not None,
                     [a.dtype for a in a_list], [b.dtype for b in b_list])
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, s, weight, a_cat, b_cat = ctx.saved_tensors
+        x, s, weight, a_cat, b_cat, *kept = ctx.saved_tensors
         ranks, scalings, p, seed, backend, has_bias, a_dtypes, b_dtypes = ctx.meta
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        extra = {"positions": kept[0]} if kept else {}
         dx, da, db = get_backend(backend).backward(
-            dy.contiguous(), x, s, weight, a_cat, b_cat, ranks, scalings, p, seed, need_dx
+            dy.contiguous(), x, s, weight, a_cat, b_cat, ranks, scalings, p, seed, need_dx, **extra
         )
         # The base layer is normally frozen; these cover training code that unfreezes it.
         dweight = dy.t() @ x if need_dw else None
