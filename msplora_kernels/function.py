@@ -1,7 +1,8 @@
 """MSPLoRA linear as one differentiable op: an autograd Function (eager) or custom ops (compiled) → functional.
 
 The forward returns ``(y, S)``; autograd keeps only ``x``, ``S`` (M x R) and the dropout seed, and the
-backward recomputes the dropout masks. The gradient maths is in ``torch_backend``'s docstring; every
+backward recomputes the dropout masks (the PyTorch backend, in eager mode, hands its backward the dropped
+positions instead: int32, one per dropped element). The gradient maths is in ``torch_backend``'s docstring; every
 backend implements the same ``forward``/``backward`` contract.
 
 Two entry points to the same backend calls: under ``torch.compile`` the custom ops ``msplora::linear_forward``
