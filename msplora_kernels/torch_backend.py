@@ -32,9 +32,9 @@ kernels: one shrink for all branches, one expand, and in backward dS, dB, dS A' 
 
 Drawing the dropped set: the gaps between consecutive dropped positions of an i.i.d. Bernoulli(p) sequence
 are i.i.d. geometric, P(gap = g) = (1 - p)^(g - 1) p, so positions = cumsum(gaps) - 1 with
-gap = 1 + floor(log(1 - u) / log(1 - p)) and u uniform in [0, 1). This is exact up to u's 53-bit grid:
-each element is dropped with p_eff = ceil(p 2^53) / 2^53 (|p_eff - p| < 1.2e-16), independently; the
-scaling 1/(1 - p) is off by at most the same relative 1.2e-16, below fp64 rounding. Random draws and extra
+gap = ceil(log(u) / log(1 - p)) and u uniform in [2^-60, 1) (P(gap > g) = P(u < (1 - p)^g) = (1 - p)^g).
+This is exact up to u's 53-bit grid: each element is dropped with a p_eff within about 2^-53 of p,
+independently; the scaling 1/(1 - p) is off by the same relative ~1e-16, below fp64 rounding. Random draws and extra
 work scale with p M K n, not with M K n: at p = 0.05 one twentieth of an element-wise pass per branch.
 The backward needs the same positions: in eager mode the forward hands them over (``keep_positions``; int32,
 4 bytes per dropped element, 0.6 byte per element of x for three branches at p = 0.05, where PEFT keeps a
