@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import measure, param_table, providers, report
+from . import e2e, measure, param_table, providers, report
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CORE_SHAPE = (2048, 1024, 1024)  # the core issue's CPU target: fwd+bwd >= 1.4x reference without dropout
@@ -93,10 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time one MSPLoRA linear layer (y = x W^T + b + sum of three low-rank branches) against the "
         "frozen linear alone, the unfused reference and PEFT LoRA; write JSON, Markdown and a PNG plot.",
     )
-    parser.add_argument("--preset", choices=sorted(PRESETS),
+    parser.add_argument("--preset", choices=sorted(PRESETS) + sorted(e2e.PRESETS),
                         help="cpu: M,K,N in {2048,1024,1024; 512,512,2048}, ranks 8/4/2, dropout 0 and 0.05, fp32 "
                         "(about a minute on 2 cores); llama7b: M in {4096,8192} x (K,N) in {(4096,4096), "
-                        "(4096,11008), (11008,4096)}, ranks 8/4/2 and 64/32/16, dropout 0 and 0.05, bf16 on CUDA. "
+                        "(4096,11008), (11008,4096)}, ranks 8/4/2 and 64/32/16, dropout 0 and 0.05, bf16 on CUDA; e2e-cpu: "
+                        "whole training steps of an 8-layer, 512-wide Llama (seq 256, batch 4, fp32) with PEFT LoRA, "
+                        "the reference and MSPLoRA at dropout 0 and 0.05 (a few minutes on 2 cores); e2e: the same "
+                        "with a ~1.1B Llama, seq 2048, bf16, on a GPU (see benchmarks/e2e.py). "
                         "Default: llama7b on CUDA, cpu otherwise; --shape, --ranks, --dropout and --dtype override its values")
     parser.add_argument("--shape", type=parse_shape, action="append",
                         help="M,K,N of one case (repeatable); replaces the preset's shapes")
@@ -276,6 +279,24 @@ def run_benchmarks(args: argparse.Namespace) -> Dict[str, object]:
     return result
 
 
+def run_e2e_benchmark(args: argparse.Namespace) -> Dict[str, object]:
+    """The end-to-end training-step presets (``benchmarks/e2e.py``); --ranks, --dropout, --providers (of peft,
+    reference, msplora), --dtype, --warmup and --repeats (rounds) override the preset's values."""
+    device = resolve_device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    methods = [m for m in e2e.METHODS if m in args.providers]
+    if not methods:
+        raise SystemExit(f"--preset {args.preset} times the providers {', '.join(e2e.METHODS)}; --providers names none")
+    if args.ranks and len(args.ranks) > 1:
+        raise SystemExit(f"--preset {args.preset} takes one --ranks")
+    return e2e.run_e2e(args.preset, device, args.out, dropouts=args.dropout,
+                       ranks=tuple(args.ranks[0]) if args.ranks else (8, 4, 2), warmup=args.warmup,
+                       rounds=args.repeats, methods=methods, dtype_name=args.dtype)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     if args.param_table:
@@ -283,6 +304,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print()
         if not (args.preset or args.shape):
             return
+    if args.preset in e2e.PRESETS:
+        run_e2e_benchmark(args)
+        return
     run_benchmarks(args)
 
 

@@ -1,8 +1,15 @@
-"""MSPLoRA linear as one differentiable op: custom ops (so ``torch.compile`` traces them) → functional.
+"""MSPLoRA linear as one differentiable op: an autograd Function (eager) or custom ops (compiled) → functional.
 
-The forward op returns ``(y, S)``; autograd keeps only ``x``, ``S`` (M x R) and the dropout seed, and the
-backward op recomputes the dropout masks. The gradient maths is in ``torch_backend``'s docstring; every
+The forward returns ``(y, S)``; autograd keeps only ``x``, ``S`` (M x R) and the dropout seed, and the
+backward recomputes the dropout masks (the PyTorch backend, in eager mode, hands its backward the dropped
+positions instead: int32, one per dropped element). The gradient maths is in ``torch_backend``'s docstring; every
 backend implements the same ``forward``/``backward`` contract.
+
+Two entry points to the same backend calls: under ``torch.compile`` the custom ops ``msplora::linear_forward``
+and ``msplora::linear_backward`` (so the graph traces), in eager mode ``_MSPLoraLinearFunction``, which takes
+each branch's A and B as inputs and concatenates them itself: a custom op's dispatch and a differentiable
+``torch.cat`` cost about as much as the low-rank maths at the sizes of a small model's layers, paid by every
+adapted layer in forward and backward.
 """
 from __future__ import annotations
 
@@ -147,16 +154,58 @@ def msplora_linear(
         )
 
     p = float(dropout_p) if training else 0.0
-    if len(branches) == 1:
-        a_cat, b_cat = branches[0][0].to(x.dtype), branches[0][1].to(x.dtype)
-    else:
-        a_cat = torch.cat([a for a, _, _ in branches]).to(x.dtype)
-        b_cat = torch.cat([b for _, b, _ in branches], dim=1).to(x.dtype)
     ranks = [a.shape[0] for a, _, _ in branches]
     scalings = [float(c) for _, _, c in branches]
-    seed = torch.randint(_SEED_HIGH, (), dtype=torch.int64) if p > 0 else _NO_SEED
-
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
-    y, _ = torch.ops.msplora.linear_forward(x2d, weight, bias, a_cat, b_cat, ranks, scalings, p, seed, name)
+    if torch.compiler.is_compiling():
+        if len(branches) == 1:
+            a_cat, b_cat = branches[0][0].to(x.dtype), branches[0][1].to(x.dtype)
+        else:
+            a_cat = torch.cat([a for a, _, _ in branches]).to(x.dtype)
+            b_cat = torch.cat([b for _, b, _ in branches], dim=1).to(x.dtype)
+        seed = torch.randint(_SEED_HIGH, (), dtype=torch.int64) if p > 0 else _NO_SEED
+        y, _ = torch.ops.msplora.linear_forward(x2d, weight, bias, a_cat, b_cat, ranks, scalings, p, seed, name)
+    else:
+        seed_value = int(torch.randint(_SEED_HIGH, (), dtype=torch.int64)) if p > 0 else 0
+        y = _MSPLoraLinearFunction.apply(x2d, weight, bias, ranks, scalings, p, seed_value, name,
+                                         *[a for a, _, _ in branches], *[b for _, b, _ in branches])
     return y.reshape(*lead, weight.shape[0])
+
+
+class _MSPLoraLinearFunction(torch.autograd.Function):
+    """Eager autograd for the backend contract; inputs ``(x, W, b, ranks, scalings, p, seed, backend, A_1..A_n,
+    B_1..B_n)``. Adapter weights are cast to x's dtype here and their gradients back to theirs."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, ranks, scalings, p, seed, backend, *adapters):
+        n = len(ranks)
+        a_list, b_list = adapters[:n], adapters[n:]
+        a_cat = (a_list[0] if n == 1 else torch.cat(a_list)).to(x.dtype)
+        b_cat = (b_list[0] if n == 1 else torch.cat(b_list, dim=1)).to(x.dtype)
+        kept: List[torch.Tensor] = []
+        if backend == "torch" and p > 0:  # the PyTorch backend can hand its dropped positions to backward
+            y, s = get_backend(backend).forward(x, weight, bias, a_cat, b_cat, ranks, scalings, p, seed,
+                                                keep_positions=kept)
+        else:
+            y, s = get_backend(backend).forward(x, weight, bias, a_cat, b_cat, ranks, scalings, p, seed)
+        ctx.save_for_backward(x, s, weight, a_cat, b_cat, *kept)
+        ctx.meta = (ranks, scalings, p, seed, backend, bias is not None,
+                    [a.dtype for a in a_list], [b.dtype for b in b_list])
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, s, weight, a_cat, b_cat, *kept = ctx.saved_tensors
+        ranks, scalings, p, seed, backend, has_bias, a_dtypes, b_dtypes = ctx.meta
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        extra = {"positions": kept[0]} if kept else {}
+        dx, da, db = get_backend(backend).backward(
+            dy.contiguous(), x, s, weight, a_cat, b_cat, ranks, scalings, p, seed, need_dx, **extra
+        )
+        # The base layer is normally frozen; these cover training code that unfreezes it.
+        dweight = dy.t() @ x if need_dw else None
+        dbias = dy.sum(0) if (need_db and has_bias) else None
+        grads_a = [g.to(t) for g, t in zip(da.split(ranks), a_dtypes)]
+        grads_b = [g.to(t) for g, t in zip(db.split(ranks, dim=1), b_dtypes)]
+        return (dx if need_dx else None), dweight, dbias, None, None, None, None, None, *grads_a, *grads_b
