@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import report
+from . import measure, report
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ("peft", "reference", "msplora")
@@ -79,19 +79,7 @@ class Candidate:
 
     def saved_mb(self, batch: torch.Tensor) -> float:
         """MB of activations one forward saves for backward (each storage once, parameters excluded)."""
-        excluded = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
-        storages: Dict[int, int] = {}
-
-        def pack(tensor: torch.Tensor) -> torch.Tensor:
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in excluded and storage.nbytes() > 0:
-                storages[storage.data_ptr()] = storage.nbytes()
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = self.model(input_ids=batch, labels=batch).loss
-        del loss
-        return sum(storages.values()) / 2**20
+        return measure.saved_mb(lambda: self.model(input_ids=batch, labels=batch).loss, self.model.parameters())
 
     def peak_mb(self, batch: torch.Tensor) -> Optional[float]:
         if self.device.type != "cuda":

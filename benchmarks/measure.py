@@ -121,11 +121,9 @@ def time_cuda(run: Callable[[], None], grads: Sequence[torch.Tensor], warmup_ms:
     return Timing(median, q20, q80, 0)
 
 
-def saved_activation_mb(provider: Provider) -> Optional[float]:
-    """MB that autograd saves for backward in one forward (``None`` for forward-only providers)."""
-    if provider.forward_only:
-        return None
-    excluded = {p.untyped_storage().data_ptr() for p in provider.params if p is not None}
+def saved_mb(forward: Callable[[], object], params) -> float:
+    """MB that autograd saves for backward while ``forward()`` runs: each storage once, ``params`` excluded."""
+    excluded = {p.untyped_storage().data_ptr() for p in params if p is not None}
     storages: Dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -134,10 +132,18 @@ def saved_activation_mb(provider: Provider) -> Optional[float]:
             storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), provider.context():
-        y = provider.forward()
-    del y
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
     return sum(storages.values()) / 2**20
+
+
+def saved_activation_mb(provider: Provider) -> Optional[float]:
+    """MB that autograd saves for backward in one forward (``None`` for forward-only providers)."""
+    if provider.forward_only:
+        return None
+    with provider.context():
+        return saved_mb(provider.forward, provider.params)
 
 
 def peak_memory_mb(run: Callable[[], None], grads: Sequence[torch.Tensor], device: torch.device) -> Optional[float]:
