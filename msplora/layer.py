@@ -28,9 +28,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from msplora_kernels import msplora_linear
+from msplora_kernels import msplora_linear, msplora_lowrank
 from msplora_kernels.dispatch import check_backend_name
 from msplora_kernels.reference import Branch
 
@@ -100,24 +99,11 @@ def _autocast_enabled(device_type: str) -> bool:
 def lowrank_term(x: torch.Tensor, branches: Sequence[Branch], dropout_p: float = 0.0,
                  training: bool = False) -> torch.Tensor:
     """``sum_s c_s (D_s(x) A_s^T) B_s^T`` for branches ``(A_s, B_s, c_s)``, ``D_s`` an independent inverted
-    dropout per branch (identity when not training or ``dropout_p == 0``), in plain torch ops that autograd
-    differentiates. Adapters are moved to ``x``'s device and cast to its dtype, as ``msplora_linear`` does;
-    under autocast ``F.linear`` casts everything to the autocast dtype instead.
-
-    Shapes: x (..., K), A_s (r_s, K), B_s (N, r_s) -> (..., N). The scalings are folded into A; without
-    dropout all branches are one shrink ``S = x [c_g A_g; c_m A_m; c_l A_l]^T`` and one expand ``S B^T``.
+    dropout per branch (identity when not training or ``dropout_p == 0``): ``msplora_kernels.msplora_lowrank``
+    (the PyTorch backend's maths without the base GEMM, so autograd keeps no dropped copy of x) after moving the
+    adapters to ``x``'s device. Shapes: x (..., K), A_s (r_s, K), B_s (N, r_s) -> (..., N).
     """
-    p = float(dropout_p) if training else 0.0
-    dtype = None if _autocast_enabled(x.device.type) else x.dtype
-
-    def cast(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=x.device, dtype=dtype or t.dtype)
-
-    if p == 0.0:
-        s = F.linear(x, torch.cat([cast(a) * c for a, _, c in branches]))
-    else:
-        s = torch.cat([F.linear(F.dropout(x, p, True), cast(a) * c) for a, _, c in branches], dim=-1)
-    return F.linear(s, torch.cat([cast(b) for _, b, _ in branches], dim=1))
+    return msplora_lowrank(x, [(a.to(x.device), b.to(x.device), c) for a, b, c in branches], dropout_p, training)
 
 
 def linear_features(module: nn.Module) -> Tuple[int, int]:

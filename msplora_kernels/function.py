@@ -173,6 +173,41 @@ def msplora_linear(
     return y.reshape(*lead, weight.shape[0])
 
 
+def msplora_lowrank(
+    x: torch.Tensor, branches: Sequence[Branch], dropout_p: float = 0.0, training: bool = False
+) -> torch.Tensor:
+    """``sum_s scaling_s * (drop_s(x) A_s^T) B_s^T`` alone, without a base GEMM: for layers whose base layer is
+    called on its own (bitsandbytes 4/8-bit, hooked or offloaded layers). The PyTorch backend's maths on every
+    device (its sparse dropout included: autograd keeps x, S and the dropped positions, never a dropped copy
+    of x); adapters are cast to x's dtype, or everything to the autocast dtype under autocast. Under
+    ``torch.compile`` tracing and on the meta device it runs the same maths in plain torch ops instead."""
+    if not branches:
+        raise ValueError("msplora_lowrank needs at least one branch")
+    k, n = x.shape[-1], branches[0][1].shape[0]
+    for i, (a, b, _) in enumerate(branches):
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != k or b.shape[0] != n or a.shape[0] != b.shape[1]:
+            raise ValueError(f"branch {i}: expected A of shape (r, {k}) and B of shape ({n}, r), "
+                             f"got A {tuple(a.shape)} and B {tuple(b.shape)}")
+        if a.device != x.device or b.device != x.device:
+            raise RuntimeError(f"msplora_lowrank: input is on {x.device} but branch {i} is on {a.device}")
+    device_type = x.device.type
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return msplora_lowrank(x.to(dtype), [(a.to(dtype), b.to(dtype), c) for a, b, c in branches],
+                                   dropout_p, training)
+    p = float(dropout_p) if training else 0.0
+    if torch.compiler.is_compiling() or device_type == "meta":
+        parts = [F.linear(F.dropout(x, p, True) if p > 0 else x, a.to(x.dtype) * c) for a, _, c in branches]
+        return F.linear(torch.cat(parts, dim=-1), torch.cat([b.to(x.dtype) for _, b, _ in branches], dim=1))
+    ranks = [a.shape[0] for a, _, _ in branches]
+    scalings = [float(c) for _, _, c in branches]
+    seed_value = int(torch.randint(_SEED_HIGH, (), dtype=torch.int64)) if p > 0 else 0
+    y = _MSPLoraLinearFunction.apply(x.reshape(-1, k), None, None, ranks, scalings, p, seed_value, "torch",
+                                     *[a for a, _, _ in branches], *[b for _, b, _ in branches])
+    return y.reshape(*x.shape[:-1], n)
+
+
 class _MSPLoraLinearFunction(torch.autograd.Function):
     """Eager autograd for the backend contract; inputs ``(x, W, b, ranks, scalings, p, seed, backend, A_1..A_n,
     B_1..B_n)``. Adapter weights are cast to x's dtype here and their gradients back to theirs."""

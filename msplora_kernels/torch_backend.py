@@ -197,7 +197,8 @@ def forward(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(y, S)``. With ``keep_positions`` (a list), the dropped positions are appended to it, for
     :func:`backward`'s ``positions``: 4 bytes per dropped element (0.6 per element of x for three branches at
-    p = 0.05) save the backward drawing them again."""
+    p = 0.05) save the backward drawing them again. ``weight=None`` (and no bias): the low-rank term alone,
+    y = S B^T, for layers whose base layer is called separately."""
     coefs = _branch_coefficients(ranks, scalings, p)
     a_scaled = _scaled_rows(a_cat, ranks, coefs)
     s = x @ a_scaled.t()
@@ -211,6 +212,8 @@ def forward(
             s.addmm_(dropped.csr(work), a_e, alpha=-1.0)
         else:
             s.sub_((dropped.csr(work) @ a_e).to(s.dtype))
+    if weight is None:
+        return s @ b_cat.t(), s
     y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
     y.addmm_(s, b_cat.t())
     return y, s
@@ -237,7 +240,9 @@ def backward(
     ds = dy @ b_cat
     db = dy.t() @ s
     dx = None
-    if need_dx:
+    if need_dx and weight is None:  # the low-rank term alone (see forward)
+        dx = ds @ a_scaled
+    elif need_dx:
         dx = dy @ weight
         dx.addmm_(ds, a_scaled)
     dat = ds.t() @ x  # (R, K): dS^T x, before the per-branch coefficients

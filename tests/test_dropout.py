@@ -220,3 +220,50 @@ def test_backward_redraws_the_forwards_masks_from_the_seed():
     redrawn = torch_backend.backward(dy, x.detach(), s, *args, True)
     for a, b in zip(with_kept, redrawn):
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------- the low-rank term alone (called base layers)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("ranks", [(8, 4, 2), (0, 0, 6)])
+def test_lowrank_alone_is_the_fused_layer_minus_its_base(p, ranks):
+    """``msplora_lowrank`` (the term layers with a called base layer add) draws the same masks from the same
+    torch seed as ``msplora_linear``, so with one seed: fused = x W^T + lowrank, and so are all gradients."""
+    from msplora_kernels import msplora_lowrank
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 72, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(50, 72, dtype=torch.float64, generator=g)
+    branches = [(torch.randn(r, 72, dtype=torch.float64, generator=g, requires_grad=True),
+                 torch.randn(50, r, dtype=torch.float64, generator=g, requires_grad=True), 16.0 / r)
+                for r in ranks if r]
+    dy = torch.randn(37, 50, dtype=torch.float64, generator=g)
+    params = [x] + [t for a, b, _ in branches for t in (a, b)]
+
+    torch.manual_seed(11)
+    fused = msplora_linear(x, weight, None, branches, dropout_p=p, training=True, backend="torch")
+    grads_fused = torch.autograd.grad(fused, params, dy)
+    torch.manual_seed(11)
+    low = msplora_lowrank(x, branches, dropout_p=p, training=True)
+    grads_low = torch.autograd.grad(low, params, dy)
+
+    torch.testing.assert_close(fused, x.detach() @ weight.t() + low.detach(), rtol=1e-12, atol=1e-11)
+    torch.testing.assert_close(grads_fused[0], grads_low[0] + dy @ weight, rtol=1e-12, atol=1e-11)
+    for got, want in zip(grads_low[1:], grads_fused[1:]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-11)
+
+
+def test_lowrank_alone_keeps_no_dropped_copy_of_x():
+    from msplora_kernels import msplora_lowrank
+
+    x = torch.randn(512, 256, requires_grad=True)
+    branches = [(torch.randn(r, 256, requires_grad=True), torch.randn(128, r, requires_grad=True), 2.0)
+                for r in (8, 4, 2)]
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.untyped_storage().nbytes() if t.data_ptr() != x.data_ptr() else 0)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        msplora_lowrank(x, branches, dropout_p=0.05, training=True)
+    assert sum(sizes) < x.numel() * x.element_size()  # S and the dropped positions only: < one copy of x
