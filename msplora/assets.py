@@ -262,6 +262,12 @@ def fetch(name: str) -> Path:
     return final / asset.target
 
 
+def smollm2_converted() -> Optional[Path]:
+    """The cached converted SmolLM2 folder if it is there; never downloads or converts."""
+    converted = cache_dir() / SMOLLM2_CONVERTED
+    return converted if (converted / "config.json").exists() and (converted / "model.safetensors").exists() else None
+
+
 def smollm2_model_dir() -> Path:
     """A folder with SmolLM2-135M-Instruct as fp32 safetensors + tokenizer, converted from the GGUF once.
 
@@ -269,7 +275,7 @@ def smollm2_model_dir() -> Path:
     ``gguf`` package: ``pip install gguf``) and is cached in ``<cache>/smollm2-fp32``.
     """
     converted = cache_dir() / SMOLLM2_CONVERTED
-    if (converted / "config.json").exists() and (converted / "model.safetensors").exists():
+    if smollm2_converted() is not None:
         return converted
     if importlib.util.find_spec("gguf") is None:
         raise AssetUnavailable(
