@@ -553,9 +553,38 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     tasks = [(method, seed, model_dir, split, settings, args.threads) for seed in seeds for method in args.methods]
     runs: List[RunResult] = []
     bar = tqdm(total=len(tasks), desc="runs", file=sys.stderr, disable=args.no_progress or args.workers == 1)
+    os.makedirs(args.out, exist_ok=True)
+    json_path, png_path = os.path.join(args.out, "accuracy.json"), os.path.join(args.out, "accuracy.png")
+    order = {(m, s): i for i, (m, s, *_rest) in enumerate(tasks)}
+
+    def write() -> Dict[str, object]:
+        """The JSON, PNG and table of the runs done so far (rewritten after each run: a run cut short keeps them)."""
+        runs.sort(key=lambda r: order[(r.method, r.seed)])
+        rows = summarize(runs, args.methods)
+        result = {
+            "benchmark": "accuracy", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "commit": commit["commit"], "dirty": commit["dirty"],
+            "command": "python -m benchmarks.accuracy " + " ".join(sys.argv[1:]),
+            "complete": len(runs) == len(tasks), "runs_done": len(runs), "runs_planned": len(tasks),
+            "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "workers": args.workers,
+                        "threads_per_worker": args.threads, "loadavg_start": load_start, "loadavg_now": _loadavg(),
+                        "torch": torch.__version__},
+            "model": model_dir, "data": data_path, "quick": args.quick, "sizes": sizes, "split_seed": args.split_seed,
+            "seeds": seeds, "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.__dict__.items()},
+            "rows": rows, "runs": [r.__dict__ for r in runs], "table": markdown_table(rows),
+            "wall_s": time.perf_counter() - started,
+        }
+        with open(json_path + ".tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(json_path + ".tmp", json_path)
+        done_seeds = sorted({r.seed for r in runs})
+        plot(rows, png_path, f"{_model_name(model_dir)}, movie-review sentiment, {sizes['train']} train / "
+             f"{sizes['test']} test sentences, seeds {done_seeds}")
+        return result
 
     def report(r: RunResult) -> None:
         runs.append(r)
+        write()
         bar.update(1)
         bar.write(f"  {LABELS[r.method]:27} seed {r.seed}: test {100 * r.test:.2f} %, best dev {100 * r.best_dev:.2f} % "
                   f"(epoch {r.best_epoch}), train {r.train_s:.0f} s, run {r.run_s:.0f} s, load {_loadavg()}",
@@ -573,31 +602,11 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
             for future in as_completed([pool.submit(_run_task, task) for task in tasks]):
                 report(future.result())
     bar.close()
-    order = {(m, s): i for i, (m, s, *_rest) in enumerate(tasks)}
-    runs.sort(key=lambda r: order[(r.method, r.seed)])
-    wall = time.perf_counter() - started
-    rows = summarize(runs, args.methods)
-    table = markdown_table(rows)
-    result = {
-        "benchmark": "accuracy", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "commit": commit["commit"], "dirty": commit["dirty"], "command": "python -m benchmarks.accuracy " + " ".join(sys.argv[1:]),
-        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "workers": args.workers, "threads_per_worker": args.threads, "loadavg_start": load_start, "loadavg_end": _loadavg(),
-                    "torch": torch.__version__},
-        "model": model_dir, "data": data_path, "quick": args.quick,
-        "sizes": sizes, "split_seed": args.split_seed,
-        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.__dict__.items()},
-        "rows": rows, "runs": [r.__dict__ for r in runs], "table": table, "wall_s": wall,
-    }
-    os.makedirs(args.out, exist_ok=True)
-    json_path, png_path = os.path.join(args.out, "accuracy.json"), os.path.join(args.out, "accuracy.png")
-    with open(json_path, "w") as f:
-        json.dump(result, f, indent=1)
-    plot(rows, png_path, f"{_model_name(model_dir)}, movie-review sentiment, {sizes['train']} train / "
-         f"{sizes['test']} test sentences, {len(seeds)} seed(s)")
+    result = write()
     print()
-    print(table)
-    print(f"\nload average (1/5/15 min) at start {load_start}, at end {result['machine']['loadavg_end']}; "
-          f"wall {wall:.0f} s; wrote {json_path} and {png_path}")
+    print(result["table"])
+    print(f"\nload average (1/5/15 min) at start {load_start}, at end {result['machine']['loadavg_now']}; "
+          f"wall {result['wall_s']:.0f} s; wrote {json_path} and {png_path}")
     return result
 
 

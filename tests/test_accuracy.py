@@ -142,7 +142,7 @@ def test_quick_run_writes_table_json_and_plot_for_every_method(quick_run):
     with open(out / "accuracy.json") as f:
         stored = json.load(f)
     assert [r["method"] for r in stored["rows"]] == list(accuracy.METHODS)
-    assert stored["quick"] and stored["sizes"] == {"train": 16, "dev": 16, "test": 32}
+    assert stored["quick"] and stored["complete"] and stored["sizes"] == {"train": 16, "dev": 16, "test": 32}
     assert stored["machine"]["loadavg_start"] is None or len(stored["machine"]["loadavg_start"]) == 3
     for label in accuracy.LABELS.values():
         assert f"| {label} |" in stored["table"]
