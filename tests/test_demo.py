@@ -1,20 +1,22 @@
-"""Smoke test of the main job (``python -m msplora.demo``) at tiny settings: both runs train, the table and
-files appear, the parameter counts are the hand-computed ones, and each saved adapter reloads exactly."""
+"""Smoke test of the main job (``python -m msplora.demo``) at tiny settings on the random tiny Llama: both runs
+train, the table and files appear, the parameter counts are the hand-computed ones, the held-out numbers of the
+table and of the curve are the same measurement, each saved adapter reloads exactly, and no pickle is written.
+One more test runs a step of the real SmolLM2 when its converted copy is cached."""
 import json
 import os
 
 import pytest
 import torch
 
-from msplora import demo
+from msplora import assets, demo
 
 
 @pytest.fixture(scope="module")
 def tiny_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     args = demo.build_parser().parse_args([
-        "--steps", "3", "--model-size", "tiny", "--targets", "q_proj,v_proj", "--ranks", "8,4,2", "--device", "cpu",
-        "--batch-size", "2", "--seq-len", "32", "--out", str(out),
+        "--steps", "3", "--model", "tiny", "--targets", "q_proj,v_proj", "--ranks", "8,4,2", "--device", "cpu",
+        "--batch-size", "2", "--seq-len", "32", "--eval-windows", "4", "--out", str(out),
     ])
     return demo.run_demo(args), out
 
@@ -32,12 +34,15 @@ def test_writes_table_plot_results_and_both_adapters(tiny_demo):
     summary, out = tiny_demo
     files = set(os.listdir(out))
     assert {"loss_curve.png", "results.json", "results.md", "lora_adapter", "msplora_adapter"} <= files
-    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out / "msplora_adapter"))
+    assert set(os.listdir(out / "msplora_adapter")) == {"adapter_config.json", "adapter_model.safetensors"}
+    assert not any(f.endswith((".pt", ".pth", ".bin", ".pkl")) for f in os.listdir(out / "lora_adapter"))  # no pickle
     with open(out / "results.json") as f:
         stored = json.load(f)
     assert [r["method"] for r in stored["results"]] == ["lora", "msplora"]
     assert stored["device"] == "cpu" and stored["commit"] and stored["date"]
     assert "| MSPLoRA 8/4/2 " in stored["table"] and "| LoRA r=8 (peft) " in stored["table"]
+    assert "| base model, before training " in stored["table"] and "nats per byte" in stored["table"]
+    assert stored["model"] == "tiny" and stored["settings"]["eval_windows"] == 4
 
 
 def test_both_runs_use_the_same_settings_and_report_finite_numbers(tiny_demo):
@@ -47,8 +52,30 @@ def test_both_runs_use_the_same_settings_and_report_finite_numbers(tiny_demo):
         assert result["evals"][0][0] == 0 and result["evals"][-1][0] == 3
         assert 0 < result["held_out_loss"] < 10 and result["step_ms"] > 0
         assert result["peak_mem_mb"] is None or result["peak_mem_mb"] >= 0
+        # the table's held-out loss is the curve's last point, and the base model's is its first
+        assert result["held_out_loss"] == result["evals"][-1][1]
+        assert result["base_held_out_loss"] == result["evals"][0][1]
     lora, msp = summary["results"]
     assert lora["evals"][0][1] == pytest.approx(msp["evals"][0][1])  # same base model, same held-out batches
+
+
+def test_the_held_out_set_is_the_first_windows_of_the_last_tenth():
+    _, held_out = demo.split_tokens(demo.encode(demo.load_text()))
+    batches = demo.fixed_batches(held_out, 2, 32, limit=4)
+    assert [b.shape for b in batches] == [(2, 33), (2, 33)]
+    assert torch.equal(batches[0][0], held_out[:33]) and torch.equal(batches[1][1], held_out[96:129])
+    assert len(demo.held_out_windows(held_out, 32)) == (len(held_out) - 33) // 32 + 1
+
+
+def test_each_model_has_its_own_defaults_and_flags_override_them():
+    pretrained = demo.resolve_settings(demo.build_parser().parse_args([]))
+    assert pretrained["targets"] == ["q_proj", "v_proj"] and pretrained["eval_windows"] == 16
+    assert pretrained["threads"] == 1 and pretrained["eval_every"] == pretrained["steps"] // 4
+    tiny = demo.resolve_settings(demo.build_parser().parse_args(["--model-size", "tiny", "--lr", "0.5",
+                                                                  "--eval-windows", "0"]))
+    assert tiny["targets"] == list(demo.ALL_PROJECTIONS) and tiny["lr"] == 0.5 and tiny["eval_windows"] is None
+    with pytest.raises(SystemExit, match="--steps must be >= 1"):
+        demo.resolve_settings(demo.build_parser().parse_args(["--steps", "0"]))
 
 
 def test_parameter_counts_per_scale(tiny_demo):
@@ -71,14 +98,14 @@ def test_help_explains_the_flags(capsys):
     with pytest.raises(SystemExit):
         demo.build_parser().parse_args(["--help"])
     text = capsys.readouterr().out
-    for flag in ("--steps", "--model-size", "--targets", "--ranks", "--device", "--out"):
+    for flag in ("--steps", "--model", "--targets", "--ranks", "--device", "--out", "--eval-windows"):
         assert flag in text
 
 
 @pytest.mark.parametrize("flag, value, message", [
     ("--ranks", "8,4", "three integers"),
     ("--ranks", "0,4,2", "g >= 1"),
-    ("--model-size", "huge", "invalid choice"),
+    ("--model", "huge", "invalid choice"),
     ("--targets", ",", "at least one module"),
 ])
 def test_bad_flags_are_named(flag, value, message, capsys):
@@ -92,3 +119,25 @@ def test_unavailable_cuda_is_a_clear_error():
         pytest.skip("CUDA is available here")
     with pytest.raises(SystemExit, match="CUDA is not available"):
         demo.resolve_device("cuda")
+
+
+@pytest.mark.skipif(assets.smollm2_converted() is None, reason="SmolLM2's converted copy is not cached (python -m msplora.demo converts it once)")
+def test_real_smollm2_trains_a_step_and_its_adapter_reloads(tmp_path):
+    import msplora
+
+    spec = demo.RunSpec(method="msplora", ranks=(8, 4, 2), targets=["q_proj", "v_proj"], steps=1, model="smollm2",
+                        device="cpu", out=str(tmp_path))
+    model = demo.add_adapter(demo.build_base_model("smollm2", 16, 0, "cpu"), spec)
+    counts = msplora.trainable_parameters(model)  # 30 layers, 3 mid groups; q 576 -> 576, v 576 -> 192
+    assert (counts["global"], counts["mid"], counts["layer"]) == (8 * 1920, 3 * 4 * 1920, 30 * 2 * 1920)
+    tokens = demo.tokenize("In the beginning God created the heaven and the earth.", "smollm2")
+    batch = tokens[None, :12]
+    model.train()
+    demo._lm_loss(model, batch).backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0).step()
+    model.eval()
+    with torch.no_grad():
+        trained = model(input_ids=batch[:, :-1]).logits
+    msplora.save_adapter(model, spec.adapter_dir)
+    reload = demo.reload_check(spec, batch[:, :-1], trained)
+    assert reload["max_abs_diff_to_trained"] <= 1e-5 and reload["max_abs_diff_to_base"] > 1e-4
