@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from ._files import atomic_directory
 from .layer import is_conv1d
-from .model import _matches, get_bank, msplora_layers, unwrap_model
+from .model import _matches, get_bank, msplora_layers, parameter_names, unwrap_model
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -150,12 +150,10 @@ def _tied_partners(model: nn.Module, saved) -> list:
     def related(n: str) -> bool:  # a saved module, inside one, or an ancestor of one (BERT's predictions.bias)
         return any(n == s or n.startswith(s + ".") or s.startswith(n + ".") or not n for s in saved)
 
-    holders: Dict[int, list] = {}
-    for mname, module in model.named_modules(remove_duplicate=False):
-        for p in module.parameters(recurse=False):
-            holders.setdefault(id(p), []).append(mname)
+    holders = parameter_names(model)
     partners = []
     for name in saved:
         for p in model.get_submodule(name).parameters():
-            partners += [m for m in holders.get(id(p), []) if not related(m) and m not in partners]
+            owners = [pname.rpartition(".")[0] for pname in holders.get(id(p), [])]
+            partners += [m for m in owners if not related(m) and m not in partners]
     return partners

@@ -66,8 +66,13 @@ def save_adapter(model: nn.Module, directory: str) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory`` (both or neither:
     they are written to a temporary folder first). ``model`` may be wrapped (DDP, ``torch.compile``)."""
     state = {k: t.contiguous().cpu() for k, t in adapter_state_dict(model).items()}
+    write_adapter(directory, get_bank(model).config, state)
+
+
+def write_adapter(directory: str, config: MSPLoraConfig, state: Dict[str, torch.Tensor]) -> None:
+    """The two adapter files from a config and whole CPU tensors under their file keys, written atomically."""
     with atomic_directory(directory) as staging:
-        get_bank(model).config.save_pretrained(staging)
+        config.save_pretrained(staging)
         save_file(state, os.path.join(staging, WEIGHTS_NAME), metadata={"format": "pt", "adapter": "msplora"})
 
 
@@ -114,14 +119,14 @@ def load_adapter(
             adapters, ``None`` keeps their backend. Backends are never read from the adapter folder.
     """
     config = MSPLoraConfig.from_pretrained(directory)
-    if backend is not None or not has_msplora(model):
+    applied_here = not has_msplora(model)
+    if backend is not None or applied_here:
         config = dataclasses.replace(config, backend=backend or "auto")  # validates the name
     path = os.path.join(directory, WEIGHTS_NAME)
     found = _read_weights(path)
-    if not has_msplora(model):
+    if applied_here:
         check_not_data_parallel(model, "load_adapter into a model without adapters")
     wrapper, model = model, unwrap_model(model)
-    applied_here = not has_msplora(model)
     if not applied_here:
         _check_scalings(get_bank(model).config, config, directory)
     else:

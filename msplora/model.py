@@ -99,20 +99,6 @@ def _starred(name: str, position: int) -> Tuple[int, str]:
     return int(parts[position]), ".".join(parts[:position] + ["*"] + parts[position + 1 :])
 
 
-def layer_index(name: str, lists: Optional[Sequence[str]] = None) -> Tuple[Optional[int], str]:
-    """(layer index, site) of a module name: its position in the outermost repeated block list on its path,
-    replaced by ``*`` (``lists`` from :func:`block_lists`). Without ``lists``, the first integer path component
-    (the rule for names alone, e.g. in saved files). ``(None, name)`` outside any block list."""
-    if lists is None:
-        parts = name.split(".")
-        positions = [i for i, part in enumerate(parts) if part.isdigit()][:1]
-    else:
-        positions = block_positions(name, lists)
-    if not positions:
-        return None, name
-    return _starred(name, positions[0])
-
-
 def _matches(name: str, patterns) -> bool:
     if isinstance(patterns, str):
         return re.fullmatch(patterns, name) is not None
@@ -349,11 +335,18 @@ def assign_sites(model: nn.Module, targets: Sequence[Tuple[str, nn.Module]]):
     return OrderedDict(sorted(sites.items(), key=lambda kv: min(order[n] for _, n, _ in kv[1])))
 
 
-def _check_untied(model: nn.Module, targets: Sequence[Tuple[str, nn.Module]]) -> None:
-    """Refuse targets whose weight another module shares (an ``lm_head`` tied to the input embeddings)."""
+def parameter_names(model: nn.Module) -> Dict[int, List[str]]:
+    """Every name of each parameter, by ``id``: a tied weight (``lm_head.weight`` is
+    ``model.embed_tokens.weight``) has several."""
     holders: Dict[int, List[str]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         holders.setdefault(id(p), []).append(pname)
+    return holders
+
+
+def _check_untied(model: nn.Module, targets: Sequence[Tuple[str, nn.Module]]) -> None:
+    """Refuse targets whose weight another module shares (an ``lm_head`` tied to the input embeddings)."""
+    holders = parameter_names(model)
     for name, module in targets:
         others = [n for n in holders.get(id(module.weight), []) if n != f"{name}.weight"]
         if others:

@@ -30,7 +30,7 @@ from transformers.training_args import ParallelMode
 
 from .config import SCALES, MSPLoraConfig
 from .io import (WEIGHTS_NAME, _check_scalings, _check_state, _read_weights, adapter_parameters, load_adapter,
-                 save_adapter)
+                 save_adapter, write_adapter)
 from .model import get_bank, has_msplora, scale_parameters, set_trainable_scales, unwrap_model  # noqa: F401
 
 TRAINING_ARGS_NAME = "training_args.bin"
@@ -177,13 +177,9 @@ def gather_adapter_state(model: nn.Module) -> Dict[str, torch.Tensor]:
 def save_sharded_adapter(model: nn.Module, directory: str, is_main_process: bool = True) -> None:
     """:func:`msplora.save_adapter` for a model whose adapters FSDP2 shards: all ranks gather, the main one
     writes the same two files (``adapter_config.json``, ``adapter_model.safetensors``)."""
-    from safetensors.torch import save_file
-
     state = gather_adapter_state(model)
     if is_main_process:
-        os.makedirs(directory, exist_ok=True)
-        get_bank(unwrap_model(model)).config.save_pretrained(directory)
-        save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt", "adapter": "msplora"})
+        write_adapter(directory, get_bank(model).config, state)
 
 
 @torch.no_grad()
