@@ -101,15 +101,22 @@ def _check_shapes(x: torch.Tensor, weight: torch.Tensor, branches: Sequence[Bran
     if x.shape[-1] != k:
         rows = x.numel() // max(x.shape[-1], 1)
         raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({rows}x{x.shape[-1]} and {k}x{n})")
+    if weight.device != x.device:
+        raise RuntimeError(f"msplora_linear: input is on {x.device} but weight is on {weight.device}")
+    _check_branches(x, k, n, branches, "msplora_linear")
+
+
+def _check_branches(x: torch.Tensor, k: int, n: int, branches: Sequence[Branch], op: str) -> None:
+    """Each branch ``(A, B, c)`` has A (r, k) and B (n, r), on x's device."""
     for i, (a, b, _) in enumerate(branches):
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != k or b.shape[0] != n or a.shape[0] != b.shape[1]:
             raise ValueError(
                 f"branch {i}: expected A of shape (r, {k}) and B of shape ({n}, r), "
                 f"got A {tuple(a.shape)} and B {tuple(b.shape)}"
             )
-    for name, t in [("weight", weight)] + [(f"branch {i} A", a) for i, (a, _, _) in enumerate(branches)]:
-        if t.device != x.device:
-            raise RuntimeError(f"msplora_linear: input is on {x.device} but {name} is on {t.device}")
+        for what, t in (("A", a), ("B", b)):
+            if t.device != x.device:
+                raise RuntimeError(f"{op}: input is on {x.device} but branch {i} {what} is on {t.device}")
 
 
 def msplora_linear(
@@ -184,12 +191,7 @@ def msplora_lowrank(
     if not branches:
         raise ValueError("msplora_lowrank needs at least one branch")
     k, n = x.shape[-1], branches[0][1].shape[0]
-    for i, (a, b, _) in enumerate(branches):
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != k or b.shape[0] != n or a.shape[0] != b.shape[1]:
-            raise ValueError(f"branch {i}: expected A of shape (r, {k}) and B of shape ({n}, r), "
-                             f"got A {tuple(a.shape)} and B {tuple(b.shape)}")
-        if a.device != x.device or b.device != x.device:
-            raise RuntimeError(f"msplora_lowrank: input is on {x.device} but branch {i} is on {a.device}")
+    _check_branches(x, k, n, branches, "msplora_lowrank")
     device_type = x.device.type
     if device_type != "meta" and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
