@@ -139,7 +139,7 @@ def _check_shared_branches_sharded(layer: "MSPLoraLinear") -> None:
     """Refuse FSDP2 with the decoder layers sharded but not the module owning the shared (global and mid)
     branches (the root, through ``msplora_bank``): each rank would train its own copy of them, their gradients
     never reduced, silently. Only with a process group of 2 or more ranks; once checked for the current sharding
-it costs a few comparisons per call."""
+    it costs a few comparisons per call."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
