@@ -97,13 +97,15 @@ def _autocast_enabled(device_type: str) -> bool:
 
 
 def lowrank_term(x: torch.Tensor, branches: Sequence[Branch], dropout_p: float = 0.0,
-                 training: bool = False) -> torch.Tensor:
+                 training: bool = False, backend: str = "auto") -> torch.Tensor:
     """``sum_s c_s (D_s(x) A_s^T) B_s^T`` for branches ``(A_s, B_s, c_s)``, ``D_s`` an independent inverted
     dropout per branch (identity when not training or ``dropout_p == 0``): ``msplora_kernels.msplora_lowrank``
-    (the PyTorch backend's maths without the base GEMM, so autograd keeps no dropped copy of x) after moving the
-    adapters to ``x``'s device. Shapes: x (..., K), A_s (r_s, K), B_s (N, r_s) -> (..., N).
+    (the backend's shrink and expand without the base GEMM: Triton kernels on CUDA under ``auto``, so autograd
+    keeps no dropped copy of x) after moving the adapters to ``x``'s device. Shapes: x (..., K), A_s (r_s, K),
+    B_s (N, r_s) -> (..., N).
     """
-    return msplora_lowrank(x, [(a.to(x.device), b.to(x.device), c) for a, b, c in branches], dropout_p, training)
+    return msplora_lowrank(x, [(a.to(x.device), b.to(x.device), c) for a, b, c in branches], dropout_p, training,
+                           backend)
 
 
 def linear_features(module: nn.Module) -> Tuple[int, int]:
@@ -296,7 +298,7 @@ class MSPLoraLinear(nn.Module):
                     "the execution device"
                 )
             y = self.base_layer(x)
-            return y + lowrank_term(x, branches, self.dropout, self.training).to(y.dtype)
+            return y + lowrank_term(x, branches, self.dropout, self.training, self.backend).to(y.dtype)
         weight, bias = self.base_weight_and_bias()
         # Shared branches live on one device; a device_map may have put this layer on another.
         branches = [(a.to(weight.device), b.to(weight.device), c) for a, b, c in branches]

@@ -181,13 +181,16 @@ def msplora_linear(
 
 
 def msplora_lowrank(
-    x: torch.Tensor, branches: Sequence[Branch], dropout_p: float = 0.0, training: bool = False
+    x: torch.Tensor, branches: Sequence[Branch], dropout_p: float = 0.0, training: bool = False,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """``sum_s scaling_s * (drop_s(x) A_s^T) B_s^T`` alone, without a base GEMM: for layers whose base layer is
-    called on its own (bitsandbytes 4/8-bit, hooked or offloaded layers). The PyTorch backend's maths on every
-    device (its sparse dropout included: autograd keeps x, S and the dropped positions, never a dropped copy
-    of x); adapters are cast to x's dtype, or everything to the autocast dtype under autocast. Under
-    ``torch.compile`` tracing and on the meta device it runs the same maths in plain torch ops instead."""
+    called on its own (bitsandbytes 4/8-bit, hooked or offloaded layers). ``backend`` as for
+    :func:`msplora_linear` (``auto``: the Triton shrink and expand kernels on CUDA, the PyTorch backend on the
+    CPU); autograd keeps x, S and the dropout's seed (PyTorch backend: the dropped positions), never a dropped
+    copy of x. Adapters are cast to x's dtype, or everything to the autocast dtype under autocast. Under
+    ``torch.compile`` tracing, on the meta device and for ``backend="reference"`` it runs the same maths in
+    plain torch ops instead."""
     if not branches:
         raise ValueError("msplora_lowrank needs at least one branch")
     k, n = x.shape[-1], branches[0][1].shape[0]
@@ -197,15 +200,16 @@ def msplora_lowrank(
         dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
             return msplora_lowrank(x.to(dtype), [(a.to(dtype), b.to(dtype), c) for a, b, c in branches],
-                                   dropout_p, training)
+                                   dropout_p, training, backend)
     p = float(dropout_p) if training else 0.0
-    if torch.compiler.is_compiling() or device_type == "meta":
+    name = "reference" if device_type == "meta" else resolve_backend(backend, x.device)
+    if torch.compiler.is_compiling() or name == "reference":
         parts = [F.linear(F.dropout(x, p, True) if p > 0 else x, a.to(x.dtype) * c) for a, _, c in branches]
         return F.linear(torch.cat(parts, dim=-1), torch.cat([b.to(x.dtype) for _, b, _ in branches], dim=1))
     ranks = [a.shape[0] for a, _, _ in branches]
     scalings = [float(c) for _, _, c in branches]
     seed_value = int(torch.randint(_SEED_HIGH, (), dtype=torch.int64)) if p > 0 else 0
-    y = _MSPLoraLinearFunction.apply(x.reshape(-1, k), None, None, ranks, scalings, p, seed_value, "torch",
+    y = _MSPLoraLinearFunction.apply(x.reshape(-1, k), None, None, ranks, scalings, p, seed_value, name,
                                      *[a for a, _, _ in branches], *[b for _, b, _ in branches])
     return y.reshape(*x.shape[:-1], n)
 

@@ -42,7 +42,9 @@ and dx; ``fused`` runs our GEMM with the low-rank term in its epilogue. ``auto``
 ``_triton.tuning.prefer_fused``, which picks the fused GEMM only where the committed per-GPU tuning table
 measured it at least 3% faster (``_triton/tuning_table.py``); cuBLAS + our low-rank kernels otherwise.
 ``forced_path`` overrides the choice (for benchmarks and the tuning step); ``linear`` is the Triton GEMM
-alone (x W^T + b).
+alone (x W^T + b). ``weight=None`` (and no bias): the low-rank term alone, y = S B^T and
+dx = sum_s c_s keep_s ⊙ (dS_s A_s), for layers whose base layer is called on its own (bitsandbytes 4/8-bit,
+hooked or offloaded): the same kernels, the epilogue writing instead of accumulating, no dy W GEMM.
 
 Determinism: both paths are deterministic run to run on one GPU and software stack (no atomics; cuBLAS
 needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` under ``torch.use_deterministic_algorithms``). The two paths
@@ -384,13 +386,16 @@ def forward(
     _check_tensors(x=x, weight=weight, bias=bias, a_cat=a_cat, b_cat=b_cat)
     _check_branches(ranks)
     m, k = x.shape
-    n = weight.shape[0]
+    n = b_cat.shape[0]
     if m == 0:
         return x.new_empty((0, n)), x.new_empty((0, a_cat.shape[0]))
     threshold = _threshold(p)
     s = _shrink(x, a_cat, ranks, _branch_coefficients(scalings, p), threshold, seed)
     low_rank = (s, b_cat.t())
-    if uses_fused_path(m, n, k, x.device, x.dtype, ranks, threshold > 0, "forward"):
+    if weight is None:  # the low-rank term alone, y = S B^T (the base layer is called separately)
+        y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+        _launch_matmul(y, None, None, tuning.epilogue_only_config(x.device, x.dtype), low_rank=low_rank)
+    elif uses_fused_path(m, n, k, x.device, x.dtype, ranks, threshold > 0, "forward"):
         y = torch.empty((m, n), device=x.device, dtype=x.dtype)
         _launch_matmul(y, x, weight.t(), tuning.matmul_config(x.device, x.dtype), bias=bias, low_rank=low_rank)
     else:
@@ -415,7 +420,7 @@ def backward(
     _check_tensors(dy=dy, x=x, s=s, weight=weight, a_cat=a_cat, b_cat=b_cat)
     _check_branches(ranks)
     m, k = x.shape
-    n = weight.shape[0]
+    n = b_cat.shape[0]
     if m == 0:
         dx = x.new_empty((0, k)) if need_dx else None
         return dx, torch.zeros_like(a_cat), torch.zeros_like(b_cat)
@@ -434,7 +439,11 @@ def backward(
         low_rank = (ds, a_cat)
         masked = (seed, threshold, mask) if threshold > 0 else None
         scaled = (list(ranks), coefs)
-        if uses_fused_path(m, n, k, x.device, x.dtype, ranks, threshold > 0, "backward"):
+        if weight is None:  # the low-rank term alone: dx = sum_s c_s keep_s ⊙ (dS_s A_s)
+            dx = torch.empty((m, k), device=x.device, dtype=x.dtype)
+            _launch_matmul(dx, None, None, tuning.epilogue_only_config(x.device, x.dtype), low_rank=low_rank,
+                           scaled=scaled, masked=masked)
+        elif uses_fused_path(m, n, k, x.device, x.dtype, ranks, threshold > 0, "backward"):
             dx = torch.empty((m, k), device=x.device, dtype=x.dtype)
             config = tuning.matmul_config(x.device, x.dtype, masked=masked is not None, redraw=mask is None)
             _launch_matmul(dx, dy, weight, config, low_rank=low_rank, scaled=scaled, masked=masked)
