@@ -110,3 +110,29 @@ def test_a_hooked_base_layer_runs_the_triton_lowrank_kernels(monkeypatch):
     torch.testing.assert_close(hooked, plain, rtol=1e-10, atol=1e-10)
     for branch, want in zip(branches.values(), grads_plain):
         torch.testing.assert_close(branch.A.grad, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="bitsandbytes layers built on the CPU here")
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_a_quantised_base_with_the_triton_lowrank_term(kind):
+    """QLoRA on the Triton backend: a bitsandbytes 4-bit or 8-bit base (run by bitsandbytes) plus the Triton
+    low-rank term equals the same layer on the PyTorch backend (fp32: both sum the same few products; the
+    bound is a few fp32 ulps of the output's scale), in output and adapter gradients."""
+    pytest.importorskip("bitsandbytes")
+    from tests.test_quant import adapted, quantized_linear
+
+    layer = adapted(quantized_linear(kind))
+    x = torch.randn(M, K)
+    outputs, grads = [], []
+    for backend in ("torch", "triton"):
+        layer.backend = backend
+        layer.zero_grad()
+        y = layer(x)
+        y.square().sum().backward()
+        outputs.append(y.detach())
+        grads.append([p.grad.clone() for p in layer.parameters() if p.requires_grad])
+    scale = outputs[0].abs().max().item()
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=1e-5 * scale)
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    assert len(grads[0]) == 6  # A and B of three branches, never the quantised weight
