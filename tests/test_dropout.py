@@ -267,3 +267,18 @@ def test_lowrank_alone_keeps_no_dropped_copy_of_x():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         msplora_lowrank(x, branches, dropout_p=0.05, training=True)
     assert sum(sizes) < x.numel() * x.element_size()  # S and the dropped positions only: < one copy of x
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 7, 1536, 3 * 11008, 2**31 - 1])
+def test_floor_division_by_fp64_is_exact_for_int32(d):
+    """The index arithmetic's fp64 floor division equals integer division at every residue edge, up to the
+    largest int32 (multiples of d, one below and one above, and the ends of the range)."""
+    from msplora_kernels.torch_backend import _floor_div
+
+    top = 2**31 - 1
+    q = torch.cat([torch.arange(0, 2000), torch.arange(top // d - 2000, top // d + 1)]).clamp(min=0).unique()
+    edges = torch.cat([q * d - 1, q * d, q * d + 1, q * d + d - 1, torch.tensor([0, top])])
+    edges = edges[(edges >= 0) & (edges <= top)].to(torch.int32)
+    got = _floor_div(edges, d)
+    assert got.dtype == torch.int32
+    assert torch.equal(got, torch.div(edges.long(), d, rounding_mode="floor").int())
