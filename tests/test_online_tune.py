@@ -237,14 +237,15 @@ def test_the_cache_keeps_other_entries_and_other_processes_writes(tune_on, timer
     assert other in entries and late in entries and len(entries) == 4
 
 
-def test_default_cache_path_names_gpu_torch_and_triton(monkeypatch, tune_on, timer, tmp_path):
+def test_default_cache_path_is_in_the_projects_cache_and_names_gpu_torch_and_triton(monkeypatch, tune_on, timer,
+                                                                                     tmp_path):
     monkeypatch.delenv(online_tune.ENV_CACHE)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("MSPLORA_CACHE", str(tmp_path / "cache"))
     timer(0.5)
     auto()
-    expected = tmp_path / "xdg" / "msplora" / "tuning" / "NVIDIA_H200-torch2.11.0-triton3.6.0.json"
+    expected = tmp_path / "cache" / "tuning" / "NVIDIA_H200-torch2.11.0-triton3.6.0.json"
     assert expected.exists()
-    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.delenv("MSPLORA_CACHE")
     home = online_tune.cache_path(GPU, TORCH, TRITON)
     assert home == os.path.join(os.path.expanduser("~"), ".cache", "msplora", "tuning", expected.name)
 
@@ -365,6 +366,24 @@ def test_the_users_dropout_is_reproducible_with_tuning(monkeypatch, one_thread):
     assert torch.equal(tuned, plain)
     torch.manual_seed(8)
     assert not torch.equal(layer(), plain)  # the check could fail: another seed drops other elements
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_real_measurement_on_a_gpu(tune_on, tmp_path):
+    """do_bench on CUDA, both ops, at a key whose kernels ``benchmarks/gpu_check.sh``'s benchmark step has
+    compiled already (M = 8192, K = N = 4096, bf16, ranks 8/4/2, dropout): positive times, the CPU and CUDA
+    RNG states untouched, and ``auto`` (committed table bypassed) decides by them and writes the cache."""
+    device = torch.device("cuda", 0)
+    cpu_state, cuda_state = torch.get_rng_state(), torch.cuda.get_rng_state(device)
+    for op in tuning.OPS:
+        fused_ms, unfused_ms = online_tune._measure(key_of(op=op), device)
+        assert 0 < fused_ms < 1e3 and 0 < unfused_ms < 1e3, (op, fused_ms, unfused_ms)
+    assert torch.equal(torch.get_rng_state(), cpu_state)
+    assert torch.equal(torch.cuda.get_rng_state(device), cuda_state)
+    decision = auto(decisions={})
+    entries = json.loads(cache_file(tmp_path).read_text())["entries"]
+    assert len(entries) == 1 and decision is online_tune._fused(entries[0])
+    assert auto(decisions={}) is decision
 
 
 # ---- torch.distributed: 2 gloo processes --------------------------------------------------------------------

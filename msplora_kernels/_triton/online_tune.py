@@ -25,8 +25,8 @@ and triton versions, dtype, N, K, rank layout, dropout on/off, M bucket, forward
    committed table's rule. A measurement that fails (e.g. out of memory) warns, decides unfused, and is not
    written to the cache. The result is written to the cache file and frozen.
 
-**Cache file**: ``$MSPLORA_TUNE_CACHE`` if set, else ``$XDG_CACHE_HOME/msplora/tuning/<gpu>-torch<v>-triton<v>.json``
-(``~/.cache`` without ``XDG_CACHE_HOME``). JSON ``{"format": "msplora-tuning-cache", "version": 1,
+**Cache file**: ``$MSPLORA_TUNE_CACHE`` if set, else ``<cache>/tuning/<gpu>-torch<v>-triton<v>.json`` where
+``<cache>`` is the project's cache folder, ``$MSPLORA_CACHE`` or ``~/.cache/msplora`` (as ``msplora.assets``). JSON ``{"format": "msplora-tuning-cache", "version": 1,
 "entries": [...]}``; the entries have exactly the committed table's fields (so they can be pasted into
 ``tuning_table.py``) and are validated by the same ``tuning.parse_table``. A file that cannot be read, is
 not valid JSON, has another format or version, or holds a malformed entry is ignored with a warning naming
@@ -188,13 +188,13 @@ def _decide_here(key: Tuple, device: torch.device) -> Optional[dict]:
 
 
 def cache_path(gpu: str, torch_version: str, triton_version: str) -> str:
-    """``$MSPLORA_TUNE_CACHE``, else ``<cache home>/msplora/tuning/<gpu>-torch<v>-triton<v>.json``."""
+    """``$MSPLORA_TUNE_CACHE``, else ``<$MSPLORA_CACHE or ~/.cache/msplora>/tuning/<gpu>-torch<v>-triton<v>.json``."""
     override = os.environ.get(ENV_CACHE)
     if override:
         return os.path.abspath(os.path.expanduser(override))
-    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = os.environ.get("MSPLORA_CACHE") or os.path.join("~", ".cache", "msplora")
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{gpu}-torch{torch_version}-triton{triton_version}")
-    return os.path.join(home, "msplora", "tuning", name + ".json")
+    return os.path.join(os.path.abspath(os.path.expanduser(folder)), "tuning", name + ".json")
 
 
 def _warn_once(path: str, why: str) -> None:
