@@ -25,9 +25,9 @@ and triton versions, dtype, N, K, rank layout, dropout on/off, M bucket, forward
    committed table's rule. A measurement that fails (e.g. out of memory) warns, decides unfused, and is not
    written to the cache. The result is written to the cache file and frozen.
 
-**Cache file**: ``$MSPLORA_TUNE_CACHE`` if set, else ``<cache>/tuning/<gpu>-torch<v>-triton<v>.json`` where
-``<cache>`` is the project's cache folder, ``$MSPLORA_CACHE`` or ``~/.cache/msplora`` (as ``msplora.assets``). JSON ``{"format": "msplora-tuning-cache", "version": 1,
-"entries": [...]}``; the entries have exactly the committed table's fields (so they can be pasted into
+**Cache file**: ``$MSPLORA_TUNE_CACHE`` if set, else ``<cache>/tuning/<gpu>-torch<v>-triton<v>.json`` in the
+project's cache folder, ``$MSPLORA_CACHE`` or ``~/.cache/msplora`` (as ``msplora.assets``). JSON:
+``{"format": "msplora-tuning-cache", "version": 1, "entries": [...]}``; the entries have exactly the committed table's fields (so they can be pasted into
 ``tuning_table.py``) and are validated by the same ``tuning.parse_table``. A file that cannot be read, is
 not valid JSON, has another format or version, or holds a malformed entry is ignored with a warning naming
 it and is never overwritten (delete it, or point ``MSPLORA_TUNE_CACHE`` elsewhere). Writes re-read the file,
@@ -56,6 +56,15 @@ function of the key and the committed table. With it, it is also a function of t
 keys measured afresh, of timings, which vary run to run: a key near the 3% threshold may be decided
 differently by two runs that both measure it. For bit-reproducible runs keep the cache file between runs
 (every key measured once, then read back), or leave ``MSPLORA_TUNE`` unset.
+
+**Limits** (none of this has run on a GPU yet): a measurement runs inside the caller's forward or backward,
+so that call takes longer once per key (two paths, ``WARMUP_MS + REP_MS`` each, plus compiling kernels on a
+cold Triton cache) and holds the inputs of the key's shapes at its M bucket in memory meanwhile; it selects
+the paths with ``triton_backend.forced_path``, which is process-wide, so another thread calling the backend
+at that moment would run the path being timed; ``do_bench`` synchronises the whole device, so a rank that
+measures also waits for its outstanding collectives, which the waiting ranks have normally launched already
+(they ran the same layers before reaching the key); if not, the wait ends after ``WAIT_S`` with an error
+naming the key instead of hanging.
 """
 from __future__ import annotations
 
@@ -188,7 +197,8 @@ def _decide_here(key: Tuple, device: torch.device) -> Optional[dict]:
 
 
 def cache_path(gpu: str, torch_version: str, triton_version: str) -> str:
-    """``$MSPLORA_TUNE_CACHE``, else ``<$MSPLORA_CACHE or ~/.cache/msplora>/tuning/<gpu>-torch<v>-triton<v>.json``."""
+    """``$MSPLORA_TUNE_CACHE``, else
+    ``<$MSPLORA_CACHE or ~/.cache/msplora>/tuning/<gpu>-torch<v>-triton<v>.json``."""
     override = os.environ.get(ENV_CACHE)
     if override:
         return os.path.abspath(os.path.expanduser(override))
