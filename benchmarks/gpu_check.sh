@@ -11,7 +11,7 @@
 #      8/4/2 and 64/32/16, p in {0, 0.05} (benchmarks/results/<date>-<gpu>.json and .md, to be committed);
 #   5. tests/test_triton_cuda.py: bf16 at Llama shapes, autocast, >2^31-element offsets, determinism,
 #      torch.compile;
-#   6. the interpreter-proven kernel, dropout and dispatch tests, on CUDA.
+#   6. the interpreter-proven kernel, dropout and dispatch tests, on CUDA, and MSPLORA_TUNE's measurement.
 # Every step has a time limit; the log and every result file of this run are copied into $OUT when set.
 # Usage: bash benchmarks/gpu_check.sh           (from anywhere; exit status 0 only if every required step passed)
 set -uo pipefail
@@ -66,7 +66,8 @@ step "benchmark (measured)" 90 required python -m benchmarks.run --preset llama7
     --shape 8192,4096,11008 --shape 4096,4096,4096 --ranks 8,4,2 --ranks 64,32,16 --out "$RESULTS"
 step "GPU-only tests" 70 required python -m pytest tests/test_triton_cuda.py -q -rs --durations=10 -x
 step "kernel tests on CUDA" 55 required python -m pytest tests/test_triton_kernels.py tests/test_triton_dropout.py \
-    tests/test_triton_dispatch.py -q -rs --durations=5
+    tests/test_triton_dispatch.py tests/test_online_tune.py::test_the_real_measurement_on_a_gpu -q -rs \
+    --durations=5
 
 echo "gpu_check: $([ $status -eq 0 ] && echo PASSED || echo FAILED) after ${SECONDS}s" | tee -a "$LOG"
 copy_out

@@ -10,7 +10,9 @@ the unfused path (cuBLAS GEMM + our low-rank kernels): the fused GEMM only where
 (``tuning_table.py``, written on a GPU by ``python -m msplora_kernels._triton.tune``, run by
 ``benchmarks/gpu_check.sh``) holds a measurement for exactly this key (GPU name, torch and triton versions,
 dtype, N, K, rank layout, dropout on/off, M bucket, forward or backward) in which the fused path took at most
-``FUSED_MIN_GAIN`` of the unfused time (3% faster). An unmeasured key never runs our GEMM.
+``FUSED_MIN_GAIN`` of the unfused time (3% faster). A key the table lacks runs the unfused path, unless
+``MSPLORA_TUNE=1`` asks ``online_tune`` to measure it on the device (once; cached in a file; never switching
+paths within a process).
 """
 from __future__ import annotations
 
@@ -294,4 +296,8 @@ def prefer_fused(
     key = table_key(_gpu_name(index), *software_versions(), _DTYPE_NAMES.get(dtype, str(dtype)), n, k, ranks,
                     dropout, m, op)
     table = _committed_decisions() if decisions is None else decisions
-    return table.get(key, False)
+    if key in table:
+        return table[key]
+    from . import online_tune  # a missing key: unfused, or measured once with MSPLORA_TUNE=1
+
+    return online_tune.decide(key, device)
