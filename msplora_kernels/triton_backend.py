@@ -49,7 +49,8 @@ hooked or offloaded): the same kernels, the epilogue writing instead of accumula
 Determinism: both paths are deterministic run to run on one GPU and software stack (no atomics; cuBLAS
 needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` under ``torch.use_deterministic_algorithms``). The two paths
 round differently (cuBLAS vs our tile order), so results are bit-identical only within one path, which is
-why the path is a pure function of the call's key and the committed table and never changes within a run.
+why the path is a pure function of the call's key and the committed table (with ``MSPLORA_TUNE=1``: of the
+key and the first measurement, see ``_triton/online_tune.py``) and never changes within a run.
 """
 from __future__ import annotations
 
