@@ -59,11 +59,20 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 
+_csr_warning_silenced = [False]
+
+
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: Tuple[int, int]) -> torch.Tensor:
-    """A CSR matrix from indices built here (its invariants hold by construction, so they are not checked)."""
+    """A CSR matrix from indices built here (its invariants hold by construction, so they are not checked).
+    PyTorch warns once per process that CSR support is in beta: the first call silences that one warning, later
+    calls skip the (costly) ``warnings.catch_warnings``."""
+    if _csr_warning_silenced[0]:
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+        made = torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+    _csr_warning_silenced[0] = True
+    return made
 
 
 _U_LOW = 2.0**-60

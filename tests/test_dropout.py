@@ -282,3 +282,21 @@ def test_floor_division_by_fp64_is_exact_for_int32(d):
     got = _floor_div(edges, d)
     assert got.dtype == torch.int32
     assert torch.equal(got, torch.div(edges.long(), d, rounding_mode="floor").int())
+
+
+def test_sparse_dropout_warns_nothing_on_any_call():
+    """PyTorch's once-per-process "CSR support is in beta" warning is silenced on the first sparse product and
+    later calls skip ``warnings.catch_warnings``: under ``-W error`` no call may warn (fresh process)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from msplora_kernels import msplora_linear\n"
+        "x = torch.randn(33, 40, requires_grad=True)\n"
+        "br = [(torch.randn(r, 40, requires_grad=True), torch.randn(20, r, requires_grad=True), 2.0) for r in (4, 2)]\n"
+        "for _ in range(3):\n"
+        "    msplora_linear(x, torch.randn(20, 40), None, br, 0.2, True, 'torch').sum().backward()\n"
+    )
+    done = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
