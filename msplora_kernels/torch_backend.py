@@ -98,12 +98,17 @@ def _row_coefficients(ranks: Tuple[int, ...], coefs: Tuple[float, ...], dtype: t
     return torch.cat([torch.full((r,), c, dtype=dtype, device=device) for r, c in zip(ranks, coefs)])[:, None]
 
 
-def dropped_positions(seed: int, total: int, p: float, device: torch.device) -> torch.Tensor:
-    """Sorted int64 positions in [0, total) of an i.i.d. Bernoulli(p) dropped set, drawn from ``seed``.
+def dropped_positions(seed: int, total: int, p: float, device: torch.device,
+                      dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Sorted positions in [0, total) of an i.i.d. Bernoulli(p) dropped set, drawn from ``seed``: int32 when
+    ``total`` < 2^31 (the compact form backward keeps), else int64, unless ``dtype`` says.
 
-    Geometric gaps (see the module docstring); a first draw covers the expected count plus 6 standard
-    deviations, and in the rare case it falls short the same generator stream continues.
+    Geometric gaps (see the module docstring), summed in fp64 (exact below 2^53); a first draw covers the
+    expected count plus 6 standard deviations, and in the rare case it falls short the same generator stream
+    continues.
     """
+    if dtype is None:
+        dtype = torch.int32 if total < 2**31 else torch.int64
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     inv_log = 1.0 / math.log1p(-p)
@@ -115,15 +120,14 @@ def dropped_positions(seed: int, total: int, p: float, device: torch.device) -> 
         # u in [2^-60, 1) keeps log(u) finite; ceil(log u / log(1 - p)) >= 1 is the geometric gap
         gaps = torch.empty(n, dtype=torch.float64, device=device).uniform_(_U_LOW, 1.0, generator=generator)
         gaps = gaps.log_().mul_(inv_log).ceil_()
-        if p < 1e-15:  # gaps beyond int64 are possible only for such p
+        if p < 1e-15:  # gaps beyond 2^53 are possible only for such p
             gaps.clamp_(max=float(total))
-        gaps = gaps.to(torch.int64)
         gaps[:1].add_(start - 1)
         positions = gaps.cumsum_(0)
         last = int(positions[-1])
         if last >= total:
-            positions = positions[: int(torch.searchsorted(positions, total))]
-        chunks.append(positions)
+            positions = positions[: int(torch.searchsorted(positions, float(total)))]
+        chunks.append(positions.to(dtype))
         start = last + 1
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
@@ -174,12 +178,15 @@ def _dropped(x: torch.Tensor, n_branches: int, p: float, seed: int,
     total = m * width
     if positions is None:
         positions = dropped_positions(seed, total, p, x.device)
-        if total < 2**31:
-            positions = positions.to(torch.int32)
     crow = torch.searchsorted(positions, torch.arange(0, total + 1, width, device=x.device, dtype=positions.dtype),
                               out_int32=positions.dtype == torch.int32)
-    flat = _floor_div(positions, n_branches)  # (i K + j): the element of x
-    row = _floor_div(flat, k)
+    if positions.dtype == torch.int32:  # both divisions from one fp64 copy (see _floor_div)
+        half_up = positions.to(torch.float64).add_(0.5)
+        flat = (half_up * (1.0 / n_branches)).to(torch.int32)  # (i K + j): the element of x
+        row = half_up.mul_(1.0 / width).to(torch.int32)  # floor(floor(f / n) / K) = floor(f / (K n))
+    else:
+        flat = _floor_div(positions, n_branches)
+        row = _floor_div(flat, k)
     col = torch.sub(positions, row, alpha=width)  # j n + s
     return _Dropped(crow, row, col, flat, x.reshape(-1).index_select(0, flat), m, width), positions
 
