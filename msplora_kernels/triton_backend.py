@@ -61,9 +61,9 @@ import triton
 import triton.language as tl
 
 from . import dispatch
-from ._triton import kernels, tuning
+from ._triton import kernels, kernels_tma, tuning
 
-PATHS = ("auto", "fused", "unfused")
+PATHS = ("auto", "fused", "unfused", "fused_tma")
 MAX_BRANCHES = 4  # one Philox draw gives four words: one mask per branch
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MASK_BITS = 16  # the kernels compare 16 random bits per element and branch with round(p * 2^16)
@@ -73,8 +73,9 @@ _forced = {"path": "auto"}
 
 @contextlib.contextmanager
 def forced_path(path: str) -> Iterator[None]:
-    """Within the block, run the fused GEMM (``"fused"``), cuBLAS + low-rank kernels (``"unfused"``) or let the
-    ``auto`` rule choose."""
+    """Within the block, run the fused GEMM (``"fused"``), cuBLAS + low-rank kernels (``"unfused"``), the
+    persistent TMA GEMM in the forward (``"fused_tma"``; backward then runs unfused, and operands TMA cannot
+    address run unfused too) or let the ``auto`` rule choose."""
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     previous = _forced["path"]
@@ -390,7 +391,14 @@ def forward(
     threshold = _threshold(p)
     s = _shrink(x, a_cat, ranks, _branch_coefficients(scalings, p), threshold, seed)
     low_rank = (s, b_cat.t())
-    if uses_fused_path(m, n, k, x.device, x.dtype, ranks, threshold > 0, "forward"):
+    if (tuning.prefer_tma(m, n, k, x.device, x.dtype, _forced["path"], tuple(ranks), threshold > 0)
+            and kernels_tma.supported(x, weight, tuning._arch(x.device))):
+        y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+        config = tuning.tma_config(tuning._arch(x.device), x.dtype)
+        with _on(x.device):
+            kernels_tma.launch(y, x, weight, bias, s, b_cat, config, tuning.rank_block(s.shape[1], config.max_block_r),
+                               _dot_precision(x.dtype), _acc_constexpr(x.dtype))
+    elif uses_fused_path(m, n, k, x.device, x.dtype, ranks, threshold > 0, "forward"):
         y = torch.empty((m, n), device=x.device, dtype=x.dtype)
         _launch_matmul(y, x, weight.t(), tuning.matmul_config(x.device, x.dtype), bias=bias, low_rank=low_rank)
     else:
