@@ -83,9 +83,22 @@ def _store_slice(part, y_desc, y_ptr, bias_ptr, off_m, col, M, N, stride_ym, str
     if Y_DESCRIPTOR:
         y_desc.store([off_m, col], part.to(y_desc.dtype))
     else:
-        rows = off_m + tl.arange(0, BLOCK_M)
-        ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
-        tl.store(ptrs, part.to(y_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < N)[None, :])
+        # 32-bit offsets from the tile's first row (a BLOCK_M-row tile of y stays below 2^31 elements).
+        rows = tl.arange(0, BLOCK_M)
+        ptrs = y_ptr + off_m.to(tl.int64) * stride_ym + (rows[:, None] * stride_ym + cols[None, :] * stride_yn)
+        tl.store(ptrs, part.to(y_ptr.dtype.element_ty), mask=(rows < M - off_m)[:, None] & (cols < N)[None, :])
+
+
+@triton.jit
+def _low_rank_step(acc, s_ptr, b_ptr, rm, rn, r0, M, N, R, stride_sm, stride_sr, stride_bn, stride_br,
+                   BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + S[rm, r0:r0 + BLOCK_R] B[rn, r0:r0 + BLOCK_R]^T (rank columns past R read as zero)."""
+    rr = r0 + tl.arange(0, BLOCK_R)
+    s_tile = tl.load(s_ptr + rm.to(tl.int64)[:, None] * stride_sm + rr[None, :] * stride_sr,
+                     mask=(rm < M)[:, None] & (rr < R)[None, :], other=0.0)
+    b_tile = tl.load(b_ptr + rn.to(tl.int64)[:, None] * stride_bn + rr[None, :] * stride_br,
+                     mask=(rn < N)[:, None] & (rr < R)[None, :], other=0.0)
+    return tl.dot(s_tile, b_tile.T, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit
@@ -115,13 +128,13 @@ def _matmul_lowrank_tma_kernel(
         if HAS_LOW_RANK:
             rm = off_m + tl.arange(0, BLOCK_M)
             rn = off_n + tl.arange(0, BLOCK_N)
-            for step in tl.static_range(RANK_STEPS):
-                rr = step * BLOCK_R + tl.arange(0, BLOCK_R)
-                s_tile = tl.load(s_ptr + rm.to(tl.int64)[:, None] * stride_sm + rr[None, :] * stride_sr,
-                                 mask=(rm < M)[:, None] & (rr < R)[None, :], other=0.0)
-                b_tile = tl.load(b_ptr + rn.to(tl.int64)[:, None] * stride_bn + rr[None, :] * stride_br,
-                                 mask=(rn < N)[:, None] & (rr < R)[None, :], other=0.0)
-                acc = tl.dot(s_tile, b_tile.T, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            if RANK_STEPS == 1:  # straight-line code: the tile loop keeps one inner loop and is flattened
+                acc = _low_rank_step(acc, s_ptr, b_ptr, rm, rn, 0, M, N, R, stride_sm, stride_sr, stride_bn,
+                                     stride_br, BLOCK_R, DOT_PRECISION)
+            else:  # a loop, so that every step reuses one pair of S and B buffers in shared memory
+                for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
+                    acc = _low_rank_step(acc, s_ptr, b_ptr, rm, rn, r0, M, N, R, stride_sm, stride_sr, stride_bn,
+                                         stride_br, BLOCK_R, DOT_PRECISION)
         for step in range(k_steps):
             x_tile = x_desc.load([off_m, step * BLOCK_K])
             w_tile = w_desc.load([off_n, step * BLOCK_K])
@@ -139,7 +152,7 @@ def _matmul_lowrank_tma_kernel(
                 _store_slice(right, y_desc, y_ptr, bias_ptr, off_m, off_n + BLOCK_N // 2, M, N, stride_ym,
                              stride_yn, HAS_BIAS, Y_DESCRIPTOR, BLOCK_M, BLOCK_N // 2)
             else:  # 4 slices: each half split again
-                quarter = BLOCK_N // 4
+                quarter: tl.constexpr = BLOCK_N // 4
                 q0, q1 = tl.split(tl.permute(tl.reshape(left, (BLOCK_M, 2, quarter)), (0, 2, 1)))
                 q2, q3 = tl.split(tl.permute(tl.reshape(right, (BLOCK_M, 2, quarter)), (0, 2, 1)))
                 _store_slice(q0, y_desc, y_ptr, bias_ptr, off_m, off_n, M, N, stride_ym, stride_yn,
@@ -159,9 +172,10 @@ def _describable(t: torch.Tensor) -> bool:
 
 
 def supported(x: torch.Tensor, weight: torch.Tensor, arch) -> bool:
-    """Whether the TMA GEMM can run ``x W^T`` here: Hopper (``arch`` 9, from ``tuning._arch``) or the
-    interpreter, fp16/bf16/fp32, and x and W describable by TMA (see ``_describable``)."""
-    return (TensorDescriptor is not None and arch in (9, "interpreter") and x.dtype in _DTYPES
+    """Whether the TMA GEMM can run ``x W^T`` here: Hopper (``arch`` 9, from ``tuning._arch``) with fp16/bf16,
+    or the interpreter with fp16/bf16/fp32 (its tests), and x and W describable by TMA (``_describable``)."""
+    dtypes = _DTYPES if arch == "interpreter" else _DTYPES[:2]  # fp32 on sm_90: FMA-bound, and it spills
+    return (TensorDescriptor is not None and arch in (9, "interpreter") and x.dtype in dtypes
             and x.shape[0] > 0 and x.shape[1] > 0 and _describable(x) and _describable(weight))
 
 
@@ -185,10 +199,15 @@ def launch(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optiona
     n = weight.shape[0]
     if y.numel() == 0:
         return
+    y_descriptor = _describable(y)
     bm, bn, bk, subtiles = config.block_m, config.block_n, config.block_k, config.subtiles
+    if not y_descriptor:
+        # Masked stores hold an address and a mask bit per element: next to a 128 x 256 accumulator they
+        # spill registers in the flattened loop even in quarter slices (compile_check), so such a y (a row
+        # stride that is not a multiple of 16 bytes: odd N, rare) gets column tiles of at most 128.
+        bn = min(bn, 128)
     x_desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [bm, bk])
     w_desc = TensorDescriptor(weight, [n, k], [weight.stride(0), 1], [bn, bk])
-    y_descriptor = _describable(y)
     y_desc = TensorDescriptor(y, [m, n], [y.stride(0), 1], [bm, bn // subtiles]) if y_descriptor else y
     rank = s.shape[1] if s is not None else 0
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)

@@ -81,10 +81,7 @@ _TMA_16BIT = {
     "interpreter": TmaConfig(32, 32, 32, 2, 1, 1, 16, 2),
     9: TmaConfig(128, 256, 64, 8, 8, 3, 32, 2),
 }
-_TMA_32BIT = {
-    "interpreter": TmaConfig(32, 32, 32, 2, 1, 1, 16, 2),
-    9: TmaConfig(128, 64, 32, 8, 8, 3, 32, 2),
-}
+_TMA_32BIT = {"interpreter": TmaConfig(32, 32, 32, 2, 1, 1, 16, 2)}  # fp32 on sm_90: FMA dot, spills; not offered
 # With dropout, each tile also holds four Philox words per element: tiles of fewer elements per thread keep
 # those kernels from spilling registers (``python -m msplora_kernels._triton.compile_check`` prints registers
 # and spills per variant).
