@@ -6,7 +6,8 @@ and date). Run by ``benchmarks/gpu_check.sh``; by hand:
 
 Each key (GPU name, torch and triton versions, dtype, N, K, rank layout, dropout on/off, M bucket) gets two
 entries, ``forward`` (S and y) and ``backward`` (dS, dB, dx, dA), each with the median time of both paths
-from ``triton.testing.do_bench``. Entries for other keys already in the table are kept (``--merge``).
+from ``triton.testing.do_bench``; the forward entry also times the persistent TMA GEMM (``fused_tma_ms``,
+where the operands allow TMA on this GPU; ``tuning.prefer_tma`` reads it). Entries for other keys already in the table are kept (``--merge``).
 
 Also here: ``count_launches``, the kernels one layer call launches (Triton kernels and torch ops that run
 one), used by the tests.
@@ -24,7 +25,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from . import kernels, tuning
+from . import kernels, kernels_tma, tuning
 
 PRESETS = {
     "llama7b": {"shapes": [(m, k, n) for m in (4096, 8192) for k, n in ((4096, 4096), (4096, 11008), (11008, 4096))],
@@ -43,7 +44,7 @@ def write_table(path: str, entries: Sequence[dict], merge: bool = False) -> List
     """Write ``entries`` as the table module at ``path``; ``merge``: keep the entries already there whose
     keys the new ones do not replace. Returns what was written."""
     new = list(entries)
-    tuning.parse_table(new)  # refuse to write anything prefer_fused could not read
+    tuning.parse_tma_table(new)  # refuse to write anything prefer_fused or prefer_tma could not read
     if merge and os.path.exists(path):
         namespace: Dict[str, object] = {}
         with open(path, encoding="utf-8") as file:
@@ -160,6 +161,10 @@ def measure(shapes, rank_sets, dropouts, dtype: torch.dtype, warmup_ms: int, rep
                 dy = torch.randn(m, n, device=device, generator=g).to(dtype)
                 scalings = [16.0 / r for r in ranks]
                 times = {}
+                if kernels_tma.supported(x, weight, tuning._arch(device)):
+                    with triton_backend.forced_path("fused_tma"):
+                        fwd = lambda: triton_backend.forward(x, weight, None, a_cat, b_cat, ranks, scalings, p, 11)  # noqa: E731
+                        times["fused_tma"] = (triton.testing.do_bench(fwd, warmup=warmup_ms, rep=rep_ms), None)
                 for path in ("fused", "unfused"):
                     with triton_backend.forced_path(path):
                         fwd = lambda: triton_backend.forward(x, weight, None, a_cat, b_cat, ranks, scalings, p, 11)  # noqa: E731
@@ -174,6 +179,12 @@ def measure(shapes, rank_sets, dropouts, dtype: torch.dtype, warmup_ms: int, rep
                                  dropout=triton_backend._threshold(p) > 0, m_bucket=tuning.m_bucket(m), op=op,
                                  fused_ms=round(times["fused"][index], 5), unfused_ms=round(times["unfused"][index], 5),
                                  device=gpu, commit=commit, date=date)
+                    if op == "forward" and "fused_tma" in times:
+                        entry["fused_tma_ms"] = round(times["fused_tma"][0], 5)
+                        chosen = next(iter(tuning.parse_tma_table([entry]).values()))
+                        print(f"tune {m}x{k}x{n} r{'/'.join(map(str, ranks))} p{p:g} forward  fused_tma "
+                              f"{entry['fused_tma_ms']:.4f} ms ratio {entry['fused_tma_ms'] / entry['unfused_ms']:.3f}"
+                              f" -> {'fused_tma' if chosen else 'not fused_tma'}", flush=True)
                     entries.append(entry)
                     ratio = entry["fused_ms"] / entry["unfused_ms"]
                     print(f"tune {m}x{k}x{n} r{'/'.join(map(str, ranks))} p{p:g} {op:8s} fused {entry['fused_ms']:.4f} ms"
