@@ -41,13 +41,31 @@ Design:
   TMA store is a fraction of the tile and the bias and conversion registers are live for a slice only.
 - Tiles (``tuning.tma_config``): 16-bit operands on sm_90 use BM x BN x BK = 128 x 256 x 64, 8 warps (two
   consumer warp groups of 64 x 256: 128 fp32 accumulator registers per thread), the arithmetic intensity
-  that keeps wgmma fed from HBM (BM BN / (BM + BN) = 85 FLOP per loaded byte, against 43 for 128 x 128).
+  that keeps wgmma fed from HBM (BM BN / (BM + BN) = 85 FLOP per loaded byte, against 64 for 128 x 128).
   Shared memory per stage: (128 + 256) x 64 x 2 B = 48 KiB; the epilogue's staging slice 128 x 128 x 2 B =
-  32 KiB; S and B rank tiles (128 + 256) x BLOCK_R x 2 B (6 KiB at BLOCK_R = 16, 24 KiB at 64), live only
-  before the K loop. 3 stages: 144 + 32 + (6..24) <= 200 KiB, within the H200's 227 KiB per block; 4
-  stages (192 + 32 + 6..24 = 230..248 KiB) would need the rank tiles to share the staging buffer and would
-  not fit for wide ranks, so 3 (``python -m msplora_kernels._triton.compile_check`` prints what the
-  compiler actually allocates). fp32 operands: 128 x 64 x 32, 3 stages (as the cp.async kernel's).
+  32 KiB; S and B rank tiles (128 + 256) x BLOCK_R x 2 B (12 KiB at BLOCK_R = 16, 24 KiB at 32), used only
+  before the K loop. 3 stages: 144 + 32 + 12 = 188 KiB, within the H200's 227 KiB per block (232448 B);
+  4 stages are 236 KiB by the compiler's own count (241696 B), too many, so 3.
+- Ranks: one rank step (R <= BLOCK_R: 8/4/2) is straight-line code, so the tile loop keeps a single inner
+  loop and is flattened; more steps (64/32/16 = 112 in tiles of at most 32) run as a loop, because unrolled
+  steps each got their own S and B buffers (320 KiB); the loop reuses one pair but is not flattened.
+- y whose rows are not 16-byte multiples (odd N) is stored with masks, which carry an address and a mask bit
+  per element: next to the 128 x 256 accumulator they spilled registers even in quarter slices, so such
+  calls use 128 x 128 tiles (``launch``). fp32 on sm_90 (an FMA dot, no wgmma) spilled too and is not
+  offered there (``supported``); the interpreter runs fp32 for the tests.
+
+Compiled for sm_90 (``python -m msplora_kernels._triton.compile_check --dtypes bf16,fp16 --ranks
+"8,4,2;64,32,16" --kernels _matmul_lowrank_tma_kernel``, 2026-12-02, no GPU), bf16, triton 3.9 / 3.6:
+
+    variant                                    shared     registers   spills   wgmma   TMA instr. (SASS)
+    128x256, R 14 (1 step), TMA store          192536 B   192 / 204   0        yes     2 loads + 4 stores
+    128x256, R 112 (4 steps, loop), TMA store  180248 B   210 / 216   0        yes     6 loads + 2 stores
+    128x128, R 14, masked stores (N = 50)      114712 B   169 / 187   0        yes     2 loads
+    128x128, R 112, masked stores (N = 50)      98328 B   188 / 206   0        yes     6 loads
+
+(fp16 compiles to the same resources.) The tile loop of the first is flattened into the K loop (one
+``scf.for`` with the low-rank product and the epilogue under ``scf.if``), the K loop's loads are
+``async_tma_copy_global_to_local`` and its MMAs ``warp_group_dot`` (ttgir).
 
 Nothing here has run on a GPU: correctness is tested under the Triton interpreter (which implements tensor
 descriptors, zero padding included), and the kernel is compiled for sm_90 by ``compile_check``.
