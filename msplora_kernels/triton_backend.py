@@ -42,7 +42,8 @@ and dx; ``fused`` runs our GEMM with the low-rank term in its epilogue. ``auto``
 ``_triton.tuning.prefer_fused``, which picks the fused GEMM only where the committed per-GPU tuning table
 measured it at least 3% faster (``_triton/tuning_table.py``); cuBLAS + our low-rank kernels otherwise.
 ``forced_path`` overrides the choice (for benchmarks and the tuning step); ``linear`` is the Triton GEMM
-alone (x W^T + b).
+alone (x W^T + b). A third forward path, ``fused_tma`` (the persistent TMA GEMM of ``_triton/kernels_tma.py``,
+Hopper, 16-bit), runs only where forced or where the table measured it faster (``tuning.prefer_tma``).
 
 Determinism: both paths are deterministic run to run on one GPU and software stack (no atomics; cuBLAS
 needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` under ``torch.use_deterministic_algorithms``). The two paths
@@ -395,9 +396,10 @@ def forward(
             and kernels_tma.supported(x, weight, tuning._arch(x.device))):
         y = torch.empty((m, n), device=x.device, dtype=x.dtype)
         config = tuning.tma_config(tuning._arch(x.device), x.dtype)
+        block_r = tuning.rank_block(s.shape[1], config.max_block_r)
         with _on(x.device):
-            kernels_tma.launch(y, x, weight, bias, s, b_cat, config, tuning.rank_block(s.shape[1], config.max_block_r),
-                               _dot_precision(x.dtype), _acc_constexpr(x.dtype))
+            kernels_tma.launch(y, x, weight, bias, s, b_cat, config, block_r, _dot_precision(x.dtype),
+                               _acc_constexpr(x.dtype))
     elif uses_fused_path(m, n, k, x.device, x.dtype, ranks, threshold > 0, "forward"):
         y = torch.empty((m, n), device=x.device, dtype=x.dtype)
         _launch_matmul(y, x, weight.t(), tuning.matmul_config(x.device, x.dtype), bias=bias, low_rank=low_rank)

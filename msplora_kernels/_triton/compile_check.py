@@ -247,7 +247,8 @@ def format_variant(v: Variant) -> str:
     shown = {k: val for k, val in v.constexprs.items() if k.isupper() and k not in _QUIET_CONSTEXPRS}
     return (f"{v.name:24s} {types:22s} w{v.options.get('num_warps')} s{v.options.get('num_stages', '-')} "
             f"shared={v.shared:6d} B REG={v.registers:3d} STACK={v.spilled:3d} sass={v.instructions:5d} "
-            f"wgmma={v.wgmma!s:5s} async={v.pipelined!s:5s} tma={v.tma:2d} {v.seconds:4.1f}s {shown} by {','.join(v.launched_by)}")
+            f"wgmma={v.wgmma!s:5s} async={v.pipelined!s:5s} tma={v.tma:2d} {v.seconds:4.1f}s {shown} "
+            f"by {','.join(v.launched_by)}")
 
 
 def problems(variants: Sequence[Variant], arch: int) -> List[str]:

@@ -7,7 +7,8 @@ and date). Run by ``benchmarks/gpu_check.sh``; by hand:
 Each key (GPU name, torch and triton versions, dtype, N, K, rank layout, dropout on/off, M bucket) gets two
 entries, ``forward`` (S and y) and ``backward`` (dS, dB, dx, dA), each with the median time of both paths
 from ``triton.testing.do_bench``; the forward entry also times the persistent TMA GEMM (``fused_tma_ms``,
-where the operands allow TMA on this GPU; ``tuning.prefer_tma`` reads it). Entries for other keys already in the table are kept (``--merge``).
+where the operands allow TMA on this GPU and its y matched the unfused path's; ``tuning.prefer_tma`` reads
+it). Entries for other keys already in the table are kept (``--merge``).
 
 Also here: ``count_launches``, the kernels one layer call launches (Triton kernels and torch ops that run
 one), used by the tests.
@@ -164,8 +165,9 @@ def measure(shapes, rank_sets, dropouts, dtype: torch.dtype, warmup_ms: int, rep
                 if kernels_tma.supported(x, weight, tuning._arch(device)):
                     if tma_agrees(x, weight, a_cat, b_cat, ranks, scalings, p):
                         with triton_backend.forced_path("fused_tma"):
-                            fwd = lambda: triton_backend.forward(x, weight, None, a_cat, b_cat, ranks, scalings, p, 11)  # noqa: E731
-                            times["fused_tma"] = (triton.testing.do_bench(fwd, warmup=warmup_ms, rep=rep_ms), None)
+                            tma = lambda: triton_backend.forward(x, weight, None, a_cat, b_cat, ranks,  # noqa: E731
+                                                                 scalings, p, 11)
+                            times["fused_tma"] = (triton.testing.do_bench(tma, warmup=warmup_ms, rep=rep_ms), None)
                     else:
                         print(f"tune {m}x{k}x{n}: the TMA GEMM's y differs from cuBLAS + ours beyond rounding; "
                               "fused_tma not recorded", flush=True)
