@@ -136,8 +136,9 @@ def _commit() -> str:
 
 
 def measure(shapes, rank_sets, dropouts, dtype: torch.dtype, warmup_ms: int, rep_ms: int,
-            deadline: Optional[float] = None) -> List[dict]:
-    """Median times (ms) of both paths per key and op on the current GPU; stops at ``deadline`` (time.time())."""
+            deadline: Optional[float] = None, wrong: Optional[List[str]] = None) -> List[dict]:
+    """Median times (ms) of both paths per key and op on the current GPU; stops at ``deadline`` (time.time()).
+    Keys where the TMA GEMM's y disagreed with the unfused path's are appended to ``wrong`` (not timed)."""
     import triton.testing
 
     from .. import triton_backend
@@ -171,6 +172,8 @@ def measure(shapes, rank_sets, dropouts, dtype: torch.dtype, warmup_ms: int, rep
                     else:
                         print(f"tune {m}x{k}x{n}: the TMA GEMM's y differs from cuBLAS + ours beyond rounding; "
                               "fused_tma not recorded", flush=True)
+                        if wrong is not None:
+                            wrong.append(f"{m}x{k}x{n} r{'/'.join(map(str, ranks))} p{p:g}")
                 for path in ("fused", "unfused"):
                     with triton_backend.forced_path(path):
                         fwd = lambda: triton_backend.forward(x, weight, None, a_cat, b_cat, ranks, scalings, p, 11)  # noqa: E731
@@ -233,10 +236,14 @@ def main(argv=None) -> int:
     preset = PRESETS[args.preset]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     deadline = time.time() + args.time_limit if args.time_limit else None
+    wrong: List[str] = []
     entries = measure(preset["shapes"], preset["ranks"], preset["dropouts"], dtype, args.warmup_ms, args.rep_ms,
-                      deadline)
+                      deadline, wrong)
     written = write_table(args.out, entries, merge=not args.no_merge)
     print(f"tune: wrote {len(entries)} measurements ({len(written)} entries in all) to {args.out}")
+    if wrong:  # the table is written (without those timings), but a wrong kernel fails the step
+        print(f"tune: the TMA GEMM computed a wrong y at {', '.join(wrong)}", flush=True)
+        return 1
     return 0
 
 
