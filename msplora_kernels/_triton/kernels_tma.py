@@ -133,9 +133,11 @@ def _matmul_lowrank_tma_kernel(
 
     ``x_desc`` (M, K) with block [BLOCK_M, BLOCK_K], ``w_desc`` (N, K) with block [BLOCK_N, BLOCK_K], ``y_desc``
     (M, N) with block [BLOCK_M, BLOCK_N // SUBTILES] when Y_DESCRIPTOR (else y is stored through ``y_ptr``).
-    RANK_STEPS = cdiv(R, BLOCK_R), unrolled: the tile loop's body keeps a single inner loop (the K loop), so
-    it can be flattened into one software pipeline.
+    RANK_STEPS = cdiv(R, BLOCK_R): one step is straight-line code, so the tile loop's body keeps a single
+    inner loop (the K loop) and is flattened into one software pipeline; more steps run as a loop. SUBTILES:
+    1 or 2 column slices in the epilogue.
     """
+    tl.static_assert(SUBTILES == 1 or SUBTILES == 2, "the epilogue stores the tile whole or in two halves")
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_steps = tl.cdiv(K, BLOCK_K)
     for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=True):
@@ -164,23 +166,10 @@ def _matmul_lowrank_tma_kernel(
         else:
             halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
             left, right = tl.split(halves)
-            if SUBTILES == 2:
-                _store_slice(left, y_desc, y_ptr, bias_ptr, off_m, off_n, M, N, stride_ym, stride_yn,
-                             HAS_BIAS, Y_DESCRIPTOR, BLOCK_M, BLOCK_N // 2)
-                _store_slice(right, y_desc, y_ptr, bias_ptr, off_m, off_n + BLOCK_N // 2, M, N, stride_ym,
-                             stride_yn, HAS_BIAS, Y_DESCRIPTOR, BLOCK_M, BLOCK_N // 2)
-            else:  # 4 slices: each half split again
-                quarter: tl.constexpr = BLOCK_N // 4
-                q0, q1 = tl.split(tl.permute(tl.reshape(left, (BLOCK_M, 2, quarter)), (0, 2, 1)))
-                q2, q3 = tl.split(tl.permute(tl.reshape(right, (BLOCK_M, 2, quarter)), (0, 2, 1)))
-                _store_slice(q0, y_desc, y_ptr, bias_ptr, off_m, off_n, M, N, stride_ym, stride_yn,
-                             HAS_BIAS, Y_DESCRIPTOR, BLOCK_M, quarter)
-                _store_slice(q1, y_desc, y_ptr, bias_ptr, off_m, off_n + quarter, M, N, stride_ym, stride_yn,
-                             HAS_BIAS, Y_DESCRIPTOR, BLOCK_M, quarter)
-                _store_slice(q2, y_desc, y_ptr, bias_ptr, off_m, off_n + 2 * quarter, M, N, stride_ym, stride_yn,
-                             HAS_BIAS, Y_DESCRIPTOR, BLOCK_M, quarter)
-                _store_slice(q3, y_desc, y_ptr, bias_ptr, off_m, off_n + 3 * quarter, M, N, stride_ym, stride_yn,
-                             HAS_BIAS, Y_DESCRIPTOR, BLOCK_M, quarter)
+            _store_slice(left, y_desc, y_ptr, bias_ptr, off_m, off_n, M, N, stride_ym, stride_yn,
+                         HAS_BIAS, Y_DESCRIPTOR, BLOCK_M, BLOCK_N // 2)
+            _store_slice(right, y_desc, y_ptr, bias_ptr, off_m, off_n + BLOCK_N // 2, M, N, stride_ym,
+                         stride_yn, HAS_BIAS, Y_DESCRIPTOR, BLOCK_M, BLOCK_N // 2)
 
 
 def _describable(t: torch.Tensor) -> bool:
@@ -212,7 +201,7 @@ def launch(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optiona
            s: Optional[torch.Tensor], b_cat: Optional[torch.Tensor], config, block_r: int,
            dot_precision: str, acc_dtype) -> None:
     """y (M, N) = x W^T + bias + S B^T by ``_matmul_lowrank_tma_kernel`` (``supported(x, weight, ...)`` must
-    hold; ``config``: a ``tuning.MatmulConfig`` with ``subtiles``)."""
+    hold; ``config``: a ``tuning.TmaConfig``; ``block_r``: the rank tile, at most ``config.max_block_r``)."""
     m, k = x.shape
     n = weight.shape[0]
     if y.numel() == 0:
