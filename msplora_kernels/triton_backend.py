@@ -45,6 +45,8 @@ measured it at least 3% faster (``_triton/tuning_table.py``); cuBLAS + our low-r
 alone (x W^T + b). ``weight=None`` (and no bias): the low-rank term alone, y = S B^T and
 dx = sum_s c_s keep_s ⊙ (dS_s A_s), for layers whose base layer is called on its own (bitsandbytes 4/8-bit,
 hooked or offloaded): the same kernels, the epilogue writing instead of accumulating, no dy W GEMM.
+A third forward path, ``fused_tma`` (the persistent TMA GEMM of ``_triton/kernels_tma.py``,
+Hopper, 16-bit), runs only where forced or where the table measured it faster (``tuning.prefer_tma``).
 
 Determinism: both paths are deterministic run to run on one GPU and software stack (no atomics; cuBLAS
 needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` under ``torch.use_deterministic_algorithms``). The two paths
@@ -64,9 +66,9 @@ import triton
 import triton.language as tl
 
 from . import dispatch
-from ._triton import kernels, tuning
+from ._triton import kernels, kernels_tma, tuning
 
-PATHS = ("auto", "fused", "unfused")
+PATHS = ("auto", "fused", "unfused", "fused_tma")
 MAX_BRANCHES = 4  # one Philox draw gives four words: one mask per branch
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MASK_BITS = 16  # the kernels compare 16 random bits per element and branch with round(p * 2^16)
@@ -76,8 +78,9 @@ _forced = {"path": "auto"}
 
 @contextlib.contextmanager
 def forced_path(path: str) -> Iterator[None]:
-    """Within the block, run the fused GEMM (``"fused"``), cuBLAS + low-rank kernels (``"unfused"``) or let the
-    ``auto`` rule choose."""
+    """Within the block, run the fused GEMM (``"fused"``), cuBLAS + low-rank kernels (``"unfused"``), the
+    persistent TMA GEMM in the forward (``"fused_tma"``; backward then runs unfused, and operands TMA cannot
+    address run unfused too) or let the ``auto`` rule choose."""
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     previous = _forced["path"]
@@ -396,6 +399,14 @@ def forward(
     if weight is None:  # the low-rank term alone, y = S B^T (the base layer is called separately)
         y = torch.empty((m, n), device=x.device, dtype=x.dtype)
         _launch_matmul(y, None, None, tuning.epilogue_only_config(x.device, x.dtype), low_rank=low_rank)
+    elif (tuning.prefer_tma(m, n, k, x.device, x.dtype, _forced["path"], tuple(ranks), threshold > 0)
+            and kernels_tma.supported(x, weight, tuning._arch(x.device))):
+        y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+        config = tuning.tma_config(tuning._arch(x.device), x.dtype)
+        block_r = tuning.rank_block(s.shape[1], config.max_block_r)
+        with _on(x.device):
+            kernels_tma.launch(y, x, weight, bias, s, b_cat, config, block_r, _dot_precision(x.dtype),
+                               _acc_constexpr(x.dtype))
     elif uses_fused_path(m, n, k, x.device, x.dtype, ranks, threshold > 0, "forward"):
         y = torch.empty((m, n), device=x.device, dtype=x.dtype)
         _launch_matmul(y, x, weight.t(), tuning.matmul_config(x.device, x.dtype), bias=bias, low_rank=low_rank)

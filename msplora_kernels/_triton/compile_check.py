@@ -41,9 +41,11 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
 from .. import dispatch, triton_backend
-from . import kernels, tuning
+from . import kernels, kernels_tma, tuning
 
 _KERNELS = ["_matmul_lowrank_kernel", "_shrink_kernel", "_lowrank_grad_a_kernel", "_dropout_mask_kernel"]
+_TMA_KERNELS = ["_matmul_lowrank_tma_kernel"]  # in kernels_tma: the forward's third path (fused_tma)
+_MODULE_OF = {**{name: kernels for name in _KERNELS}, **{name: kernels_tma for name in _TMA_KERNELS}}
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 _LAUNCH_OPTIONS = ("num_warps", "num_stages")
 _QUIET_CONSTEXPRS = ("DOT_PRECISION", "ACC_DTYPE")  # implied by the argument types printed
@@ -70,6 +72,7 @@ class Variant:
     instructions: int = 0
     wgmma: bool = False
     pipelined: bool = False
+    tma: int = 0  # TMA instructions in the SASS (UTMALDG loads, UTMASTG stores)
     seconds: float = 0.0
 
 
@@ -87,17 +90,17 @@ class _Recorder:
 def _recording(arch: int) -> Iterator[Tuple[List[Tuple], List[str]]]:
     launches: List[Tuple] = []
     label = [""]
-    saved = {name: getattr(kernels, name) for name in _KERNELS}
+    saved = {name: getattr(_MODULE_OF[name], name) for name in _MODULE_OF}
     saved_arch, saved_interpreted = tuning._arch, dispatch.triton_interpreted
     for name, fn in saved.items():
-        setattr(kernels, name, _Recorder(fn, launches, label))
+        setattr(_MODULE_OF[name], name, _Recorder(fn, launches, label))
     tuning._arch = lambda device: arch if arch in (8, 9) else None
     dispatch.triton_interpreted = lambda: True  # the backend may take meta tensors: nothing runs on them
     try:
         yield launches, label
     finally:
         for name, fn in saved.items():
-            setattr(kernels, name, fn)
+            setattr(_MODULE_OF[name], name, fn)
         tuning._arch, dispatch.triton_interpreted = saved_arch, saved_interpreted
 
 
@@ -112,7 +115,7 @@ def record_backend_calls(dtype: torch.dtype, ranks: Tuple[int, ...], shapes: Seq
         x, weight, bias = (torch.empty(m, k, dtype=dtype, device=meta), torch.empty(n, k, dtype=dtype, device=meta),
                            torch.empty(n, dtype=dtype, device=meta))
         a_cat, b_cat = torch.empty(r, k, dtype=dtype, device=meta), torch.empty(n, r, dtype=dtype, device=meta)
-        for path in ("fused", "unfused"):
+        for path in ("fused", "unfused", "fused_tma"):  # fused_tma: the forward's TMA GEMM, backward unfused
             for p in (0.0, 0.05):
                 label[0] = f"{m}x{k}x{n}"
                 with triton_backend.forced_path(path):
@@ -196,7 +199,7 @@ def _distinct_launches(arch: int, dtypes: List[torch.dtype], rank_sets: List[Tup
 
 def _compile_variant(job: tuple) -> Variant:
     name, signature, constexprs, attrs, options, shapes, arch = job
-    fn = getattr(kernels, name)
+    fn = getattr(_MODULE_OF[name], name)
     variant = Variant(name, signature, {fn.arg_names[i[0]]: v for i, v in constexprs.items()}, options, shapes)
     started = time.time()
     compiled = _compile(fn, signature, constexprs, attrs, options, arch)
@@ -207,15 +210,18 @@ def _compile_variant(job: tuple) -> Variant:
     variant.shared = compiled.metadata.shared
     variant.registers, variant.spilled, mnemonics = _cubin_stats(compiled.asm["cubin"])
     variant.instructions = len(mnemonics)
+    variant.tma = sum(1 for op in mnemonics if op in ("UTMALDG", "UTMASTG"))
     return variant
 
 
 def compile_launches(arch: int, dtypes: List[torch.dtype], rank_sets: List[Tuple[int, ...]],
                      shapes: Sequence[Tuple[int, int, int]] = SHAPES, quiet: bool = False,
-                     jobs: int = 1) -> List[Variant]:
+                     jobs: int = 1, only: Optional[Sequence[str]] = None) -> List[Variant]:
     """Compile each distinct launch for ``sm_<arch>0`` (``jobs`` processes; each compiled kernel also lands in
-    Triton's cache, which pre-warms a GPU run); returns the variants with their statistics."""
-    work = [entry + (arch,) for entry in _distinct_launches(arch, dtypes, rank_sets, shapes).values()]
+    Triton's cache, which pre-warms a GPU run); returns the variants with their statistics. ``only``: the
+    kernel names to compile (default: all)."""
+    work = [entry + (arch,) for entry in _distinct_launches(arch, dtypes, rank_sets, shapes).values()
+            if only is None or entry[0] in only]
     if jobs > 1:
         import concurrent.futures
         import multiprocessing
@@ -241,7 +247,8 @@ def format_variant(v: Variant) -> str:
     shown = {k: val for k, val in v.constexprs.items() if k.isupper() and k not in _QUIET_CONSTEXPRS}
     return (f"{v.name:24s} {types:22s} w{v.options.get('num_warps')} s{v.options.get('num_stages', '-')} "
             f"shared={v.shared:6d} B REG={v.registers:3d} STACK={v.spilled:3d} sass={v.instructions:5d} "
-            f"wgmma={v.wgmma!s:5s} async={v.pipelined!s:5s} {v.seconds:4.1f}s {shown} by {','.join(v.launched_by)}")
+            f"wgmma={v.wgmma!s:5s} async={v.pipelined!s:5s} tma={v.tma:2d} {v.seconds:4.1f}s {shown} "
+            f"by {','.join(v.launched_by)}")
 
 
 def problems(variants: Sequence[Variant], arch: int) -> List[str]:
@@ -330,6 +337,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rng-cost", action="store_true", help="also print the dropout work per element")
     parser.add_argument("--count-only", action="store_true", help="only count the distinct variants (no compiling)")
     parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
+    parser.add_argument("--kernels", default=None, help="comma-separated kernel names to compile (default: all), "
+                        "e.g. _matmul_lowrank_tma_kernel")
     args = parser.parse_args(argv)
     if dispatch.triton_interpreted():
         parser.error("run with TRITON_INTERPRET=0: the interpreter does not compile")
@@ -341,7 +350,11 @@ def main(argv=None) -> int:
     if args.count_only:
         print(f"{count_variants(arch, dtypes, rank_sets, shapes)} distinct kernel variants")
         return 0
-    variants = compile_launches(arch, dtypes, rank_sets, shapes, jobs=args.jobs)
+    only = None if args.kernels is None else args.kernels.split(",")
+    unknown = sorted(set(only or ()) - set(_MODULE_OF))
+    if unknown:
+        parser.error(f"--kernels: unknown kernel names {unknown}; known: {sorted(_MODULE_OF)}")
+    variants = compile_launches(arch, dtypes, rank_sets, shapes, jobs=args.jobs, only=only)
     print(f"compiled {len(variants)} kernel variants for sm_{arch}0 with triton {triton.__version__}")
     if args.rng_cost:
         for name, cost in rng_costs(arch).items():

@@ -6,7 +6,9 @@ and date). Run by ``benchmarks/gpu_check.sh``; by hand:
 
 Each key (GPU name, torch and triton versions, dtype, N, K, rank layout, dropout on/off, M bucket) gets two
 entries, ``forward`` (S and y) and ``backward`` (dS, dB, dx, dA), each with the median time of both paths
-from ``triton.testing.do_bench``. Entries for other keys already in the table are kept (``--merge``).
+from ``triton.testing.do_bench``; the forward entry also times the persistent TMA GEMM (``fused_tma_ms``,
+where the operands allow TMA on this GPU and its y matched the unfused path's; ``tuning.prefer_tma`` reads
+it). Entries for other keys already in the table are kept (``--merge``).
 
 Also here: ``count_launches``, the kernels one layer call launches (Triton kernels and torch ops that run
 one), used by the tests.
@@ -24,7 +26,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from . import kernels, tuning
+from . import kernels, kernels_tma, tuning
 
 PRESETS = {
     "llama7b": {"shapes": [(m, k, n) for m in (4096, 8192) for k, n in ((4096, 4096), (4096, 11008), (11008, 4096))],
@@ -43,7 +45,7 @@ def write_table(path: str, entries: Sequence[dict], merge: bool = False) -> List
     """Write ``entries`` as the table module at ``path``; ``merge``: keep the entries already there whose
     keys the new ones do not replace. Returns what was written."""
     new = list(entries)
-    tuning.parse_table(new)  # refuse to write anything prefer_fused could not read
+    tuning.parse_tma_table(new)  # refuse to write anything prefer_fused or prefer_tma could not read
     if merge and os.path.exists(path):
         namespace: Dict[str, object] = {}
         with open(path, encoding="utf-8") as file:
@@ -134,8 +136,9 @@ def _commit() -> str:
 
 
 def measure(shapes, rank_sets, dropouts, dtype: torch.dtype, warmup_ms: int, rep_ms: int,
-            deadline: Optional[float] = None) -> List[dict]:
-    """Median times (ms) of both paths per key and op on the current GPU; stops at ``deadline`` (time.time())."""
+            deadline: Optional[float] = None, wrong: Optional[List[str]] = None) -> List[dict]:
+    """Median times (ms) of both paths per key and op on the current GPU; stops at ``deadline`` (time.time()).
+    Keys where the TMA GEMM's y disagreed with the unfused path's are appended to ``wrong`` (not timed)."""
     import triton.testing
 
     from .. import triton_backend
@@ -160,6 +163,17 @@ def measure(shapes, rank_sets, dropouts, dtype: torch.dtype, warmup_ms: int, rep
                 dy = torch.randn(m, n, device=device, generator=g).to(dtype)
                 scalings = [16.0 / r for r in ranks]
                 times = {}
+                if kernels_tma.supported(x, weight, tuning._arch(device)):
+                    if tma_agrees(x, weight, a_cat, b_cat, ranks, scalings, p):
+                        with triton_backend.forced_path("fused_tma"):
+                            tma = lambda: triton_backend.forward(x, weight, None, a_cat, b_cat, ranks,  # noqa: E731
+                                                                 scalings, p, 11)
+                            times["fused_tma"] = (triton.testing.do_bench(tma, warmup=warmup_ms, rep=rep_ms), None)
+                    else:
+                        print(f"tune {m}x{k}x{n}: the TMA GEMM's y differs from cuBLAS + ours beyond rounding; "
+                              "fused_tma not recorded", flush=True)
+                        if wrong is not None:
+                            wrong.append(f"{m}x{k}x{n} r{'/'.join(map(str, ranks))} p{p:g}")
                 for path in ("fused", "unfused"):
                     with triton_backend.forced_path(path):
                         fwd = lambda: triton_backend.forward(x, weight, None, a_cat, b_cat, ranks, scalings, p, 11)  # noqa: E731
@@ -174,6 +188,12 @@ def measure(shapes, rank_sets, dropouts, dtype: torch.dtype, warmup_ms: int, rep
                                  dropout=triton_backend._threshold(p) > 0, m_bucket=tuning.m_bucket(m), op=op,
                                  fused_ms=round(times["fused"][index], 5), unfused_ms=round(times["unfused"][index], 5),
                                  device=gpu, commit=commit, date=date)
+                    if op == "forward" and "fused_tma" in times:
+                        entry["fused_tma_ms"] = round(times["fused_tma"][0], 5)
+                        chosen = next(iter(tuning.parse_tma_table([entry]).values()))
+                        print(f"tune {m}x{k}x{n} r{'/'.join(map(str, ranks))} p{p:g} forward  fused_tma "
+                              f"{entry['fused_tma_ms']:.4f} ms ratio {entry['fused_tma_ms'] / entry['unfused_ms']:.3f}"
+                              f" -> {'fused_tma' if chosen else 'not fused_tma'}", flush=True)
                     entries.append(entry)
                     ratio = entry["fused_ms"] / entry["unfused_ms"]
                     print(f"tune {m}x{k}x{n} r{'/'.join(map(str, ranks))} p{p:g} {op:8s} fused {entry['fused_ms']:.4f} ms"
@@ -181,6 +201,24 @@ def measure(shapes, rank_sets, dropouts, dtype: torch.dtype, warmup_ms: int, rep
                           f"{'fused' if ratio <= tuning.FUSED_MIN_GAIN else 'unfused'}", flush=True)
                 del x, weight, a_cat, b_cat, dy, s
     return entries
+
+
+def tma_agrees(x, weight, a_cat, b_cat, ranks, scalings, p: float) -> bool:
+    """Whether the TMA GEMM's y equals the unfused path's (cuBLAS + ours) to within rounding on this GPU, with
+    B scaled up so that the low-rank term is as large as x W^T (a kernel that dropped it would fail). Both
+    accumulate in fp32 and round once to y's dtype, so they differ by about one unit in the last place:
+    2^-6 of |y| elementwise (bf16 spacing is 2^-7 relative) plus 2^-10 of the largest |y| for elements
+    near zero. A kernel never seen correct on this GPU must not be chosen for being fast."""
+    from .. import triton_backend
+
+    b_check = b_cat * 100.0
+    ys = {}
+    for path in ("fused_tma", "unfused"):
+        with triton_backend.forced_path(path):
+            ys[path] = triton_backend.forward(x, weight, None, a_cat, b_check, ranks, scalings, p, 11)[0].float()
+    expected, got = ys["unfused"], ys["fused_tma"]
+    bound = 2.0**-6 * expected.abs() + 2.0**-10 * expected.abs().max()
+    return bool(torch.isfinite(got).all()) and bool(((got - expected).abs() <= bound).all())
 
 
 def main(argv=None) -> int:
@@ -198,10 +236,14 @@ def main(argv=None) -> int:
     preset = PRESETS[args.preset]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     deadline = time.time() + args.time_limit if args.time_limit else None
+    wrong: List[str] = []
     entries = measure(preset["shapes"], preset["ranks"], preset["dropouts"], dtype, args.warmup_ms, args.rep_ms,
-                      deadline)
+                      deadline, wrong)
     written = write_table(args.out, entries, merge=not args.no_merge)
     print(f"tune: wrote {len(entries)} measurements ({len(written)} entries in all) to {args.out}")
+    if wrong:  # the table is written (without those timings), but a wrong kernel fails the step
+        print(f"tune: the TMA GEMM computed a wrong y at {', '.join(wrong)}", flush=True)
+        return 1
     return 0
 
 

@@ -13,6 +13,9 @@ dtype, N, K, rank layout, dropout on/off, M bucket, forward or backward) in whic
 ``FUSED_MIN_GAIN`` of the unfused time (3% faster). A key the table lacks runs the unfused path, unless
 ``MSPLORA_TUNE=1`` asks ``online_tune`` to measure it on the device (once; cached in a file; never switching
 paths within a process).
+``prefer_tma`` is the same rule for the forward's third path, the persistent TMA GEMM
+(``_triton/kernels_tma.py``): an entry's optional ``fused_tma_ms`` must be at most ``FUSED_MIN_GAIN`` of
+its ``unfused_ms`` and below its ``fused_ms``; where it is chosen it runs instead of the fused GEMM.
 """
 from __future__ import annotations
 
@@ -44,6 +47,13 @@ class MatmulConfig:
 
 
 @dataclass(frozen=True)
+class TmaConfig(MatmulConfig):
+    """The persistent TMA GEMM's tiles: as ``MatmulConfig``, and the epilogue's column slices per tile."""
+
+    subtiles: int = 2
+
+
+@dataclass(frozen=True)
 class LowRankConfig:
     """Tiles of the narrow kernels (shrink, dA, masks): rows of X per program, X columns per step, max rank tile."""
 
@@ -67,6 +77,13 @@ _MATMUL_32BIT = {
     8: MatmulConfig(64, 64, 32, 8, 4, 3),
     None: MatmulConfig(64, 64, 16, 8, 4, 2),
 }
+# The persistent TMA GEMM (forward only; shared-memory budget in kernels_tma.py): 128 x 256 x 64, 3 stages,
+# the epilogue in two 128 x 128 slices; rank tiles of at most 32 columns (S and B tiles before the K loop).
+_TMA_16BIT = {
+    "interpreter": TmaConfig(32, 32, 32, 2, 1, 1, 16, 2),
+    9: TmaConfig(128, 256, 64, 8, 8, 3, 32, 2),
+}
+_TMA_32BIT = {"interpreter": TmaConfig(32, 32, 32, 2, 1, 1, 16, 2)}  # fp32 on sm_90: FMA dot, spills; not offered
 # With dropout, each tile also holds four Philox words per element: tiles of fewer elements per thread keep
 # those kernels from spilling registers (``python -m msplora_kernels._triton.compile_check`` prints registers
 # and spills per variant).
@@ -168,6 +185,11 @@ def matmul_config(device: torch.device, dtype: torch.dtype, masked: bool = False
             return _lookup(_MATMUL_16BIT_REDRAW, device)
         return _lookup(_MATMUL_16BIT_MASKED if masked else _MATMUL_16BIT, device)
     return _lookup(_MATMUL_32BIT_MASKED if masked else _MATMUL_32BIT, device)
+
+
+def tma_config(arch, dtype: torch.dtype) -> TmaConfig:
+    """The TMA GEMM's tiles for ``arch`` (``_arch``: 9 or "interpreter"; it runs nowhere else)."""
+    return (_TMA_16BIT if dtype in (torch.float16, torch.bfloat16) else _TMA_32BIT)[arch]
 
 
 def for_strides(config: MatmulConfig, strides: Sequence[int]) -> MatmulConfig:
@@ -288,16 +310,65 @@ def prefer_fused(
     cuBLAS GEMM + our low-rank kernels everywhere else (and always off CUDA, where nothing was measured)."""
     if forced == "fused":
         return True
-    if forced == "unfused":
+    if forced in ("unfused", "fused_tma"):  # fused_tma forces the forward; backward then runs cuBLAS + ours
         return False
     if device.type != "cuda":
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    key = table_key(_gpu_name(index), *software_versions(), _DTYPE_NAMES.get(dtype, str(dtype)), n, k, ranks,
-                    dropout, m, op)
     table = _committed_decisions() if decisions is None else decisions
+    key = _call_key(m, n, k, device, dtype, ranks, dropout, op)
     if key in table:
         return table[key]
     from . import online_tune  # a missing key: unfused, or measured once with MSPLORA_TUNE=1
 
     return online_tune.decide(key, device)
+
+
+def _call_key(m, n, k, device, dtype, ranks, dropout, op) -> Tuple:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return table_key(_gpu_name(index), *software_versions(), _DTYPE_NAMES.get(dtype, str(dtype)), n, k, ranks,
+                     dropout, m, op)
+
+
+def parse_tma_table(entries: Iterable[dict]) -> Dict[Tuple, bool]:
+    """{key: TMA GEMM chosen} for the entries that measured it (``fused_tma_ms``, forward only): chosen where
+    it took at most ``FUSED_MIN_GAIN`` of the unfused time and less than the fused GEMM."""
+    entries = list(entries)
+    parse_table(entries)  # the common fields, checked once
+    decisions: Dict[Tuple, bool] = {}
+    for index, entry in enumerate(entries):
+        if "fused_tma_ms" not in entry:
+            continue
+        tma = float(entry["fused_tma_ms"])
+        if not tma > 0:
+            raise ValueError(f"tuning table entry {index}: fused_tma_ms must be positive, got {tma}")
+        if entry["op"] != "forward":
+            raise ValueError(f"tuning table entry {index}: fused_tma_ms is measured for op 'forward' only, "
+                             f"got op {entry['op']!r}")
+        ranks = [int(r) for r in str(entry["ranks"]).split(",")]
+        key = table_key(entry["gpu"], entry["torch"], entry["triton"], entry["dtype"], entry["n"], entry["k"],
+                        ranks, entry["dropout"], entry["m_bucket"], entry["op"])
+        decisions[key] = (tma <= FUSED_MIN_GAIN * float(entry["unfused_ms"])
+                          and tma < float(entry["fused_ms"]))
+    return decisions
+
+
+@functools.lru_cache(maxsize=1)
+def _committed_tma_decisions() -> Dict[Tuple, bool]:
+    from . import tuning_table
+
+    return parse_tma_table(tuning_table.ENTRIES)
+
+
+def prefer_tma(
+    m: int, n: int, k: int, device: torch.device, dtype: torch.dtype, forced: Optional[str] = None,
+    ranks: Tuple[int, ...] = (), dropout: bool = False, decisions: Optional[Dict[Tuple, bool]] = None,
+) -> bool:
+    """Whether the forward runs the persistent TMA GEMM: forced (``"fused_tma"``), or under ``auto`` where
+    the tuning table measured it >= 3% faster than the unfused path and faster than the fused GEMM for this
+    key. Never otherwise (nor off CUDA). The caller still checks that the operands allow TMA."""
+    if forced == "fused_tma":
+        return True
+    if forced in ("fused", "unfused") or device.type != "cuda":
+        return False
+    table = _committed_tma_decisions() if decisions is None else decisions
+    return table.get(_call_key(m, n, k, device, dtype, ranks, dropout, "forward"), False)
