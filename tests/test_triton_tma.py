@@ -18,12 +18,13 @@ pytest.importorskip("triton")
 
 from msplora_kernels import triton_backend  # noqa: E402
 from msplora_kernels._triton import kernels_tma, tuning  # noqa: E402
+from tests.test_triton_dispatch import GPU, TORCH, TRITON, on_h200  # noqa: E402,F401 (on_h200: a fixture)
+from tests.test_triton_dispatch import entry as dispatch_entry  # noqa: E402
 from tests.test_triton_kernels import assert_error_ratio, make_problem, packed, to  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 RUNS = torch.cuda.is_available() or dispatch.triton_interpreted()
 needs_kernels = pytest.mark.skipif(not RUNS, reason="needs CUDA or TRITON_INTERPRET=1")
-GPU, TORCH, TRITON = "NVIDIA H200", "2.11.0", "3.6.0"
 
 
 class Spy:
@@ -183,20 +184,10 @@ def test_support_rules():
 
 
 def entry(fused_ms, unfused_ms, tma_ms=None, **changes):
-    base = dict(gpu=GPU, torch=TORCH, triton=TRITON, dtype="bf16", n=4096, k=4096, ranks="8,4,2", dropout=True,
-                m_bucket=8192, op="forward", fused_ms=fused_ms, unfused_ms=unfused_ms,
-                device=GPU, commit="abc1234", date="2026-12-02")
+    """A tuning-table entry (``test_triton_dispatch.entry``), with the TMA GEMM's time when given."""
     if tma_ms is not None:
-        base["fused_tma_ms"] = tma_ms
-    base.update(changes)
-    return base
-
-
-@pytest.fixture
-def on_h200(monkeypatch):
-    monkeypatch.setattr(tuning, "_gpu_name", lambda index: GPU)
-    monkeypatch.setattr(tuning, "software_versions", lambda: (TORCH, TRITON))
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        changes["fused_tma_ms"] = tma_ms
+    return dispatch_entry(fused_ms, unfused_ms, **changes)
 
 
 def picks_tma(entries, m=8192, forced=None, device=torch.device("cuda", 0), **call):
