@@ -262,9 +262,9 @@ def _launch_matmul(
     if scaled is not None:
         ranks, coefs = scaled
         bounds = _rank_bounds(tuple(ranks), out.device)
-        widest = max(ranks) if masked is not None else rank
+        stepped = list(ranks) if masked is not None else [rank]  # masked: one loop per branch
     else:
-        bounds, coefs, widest, ranks = out, [0.0] * MAX_BRANCHES, rank, ()
+        bounds, coefs, stepped, ranks = out, [0.0] * MAX_BRANCHES, [rank], ()
     seed, threshold, mask = masked if masked is not None else (0, 0, None)
     stride_cs = out.stride(0) if out.dim() == 3 else 0
     stride_cm, stride_cn = out.stride()[-2:]
@@ -283,7 +283,7 @@ def _launch_matmul(
             MASK_SOURCE=0 if masked is None else (2 if mask is not None else 1),
             ACCUMULATE=accumulate, SPLIT_K=splits,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            BLOCK_R=tuning.rank_block(widest, config.max_block_r),
+            BLOCK_R=tuning.rank_step(stepped, config.max_block_r),
             GROUP_M=config.group_m,
             DOT_PRECISION=_dot_precision(operand.dtype), ACC_DTYPE=_acc_constexpr(operand.dtype),
             num_warps=config.num_warps, num_stages=config.num_stages,
@@ -300,19 +300,59 @@ def linear(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     return out
 
 
-def _reduce_over_rows(
-    p: torch.Tensor, q: torch.Tensor, out_dtype: torch.dtype, config: tuning.MatmulConfig
-) -> torch.Tensor:
-    """p q for a long inner dimension (rows of x): fp32 partial sums over slices, added by ``torch.sum``
-    (one slice: written in ``out_dtype`` directly)."""
-    splits = tuning.reduction_splits(p.shape[1], p.device)
-    if splits == 1:
-        out = torch.empty((p.shape[0], q.shape[1]), device=p.device, dtype=out_dtype)
-        _launch_matmul(out, p, q, config)
-        return out
-    partial = torch.empty((splits, p.shape[0], q.shape[1]), device=p.device, dtype=_accumulator(p.dtype))
-    _launch_matmul(partial, p, q, config, splits=splits)
-    return partial.sum(0).to(out_dtype)
+def _grad_s_b(dy: torch.Tensor, b_cat: torch.Tensor, s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """dS = dy B and dB = dy^T S in one launch (one sweep over dy for narrow ranks); dB's fp32 partial sums,
+    one per row tile or slice, added by ``torch.sum`` (a single one is written in dB's dtype directly)."""
+    m, n = dy.shape
+    rank = b_cat.shape[1]
+    config, block_r, one_pass = tuning.grad_sb_config(dy.device, dy.dtype, rank)
+    row_tiles = triton.cdiv(m, config.block_m)
+    if one_pass:
+        pieces, rows_per_slice, programs = row_tiles, config.block_m, row_tiles
+    else:
+        pieces = tuning.reduction_splits(m, dy.device)
+        rows_per_slice = triton.cdiv(triton.cdiv(m, pieces), config.block_m) * config.block_m
+        pieces = triton.cdiv(m, rows_per_slice)
+        programs = row_tiles + pieces * triton.cdiv(n, config.block_n)
+    ds = torch.empty((m, rank), device=dy.device, dtype=dy.dtype)
+    partial = torch.empty((pieces, n, rank), device=dy.device,
+                          dtype=b_cat.dtype if pieces == 1 else _accumulator(dy.dtype))
+    with _on(dy.device):
+        kernels._lowrank_grad_sb_kernel[(programs, triton.cdiv(rank, block_r))](
+            dy, b_cat, s, ds, partial, m, n, rank, row_tiles, rows_per_slice,
+            *dy.stride(), *b_cat.stride(), *s.stride(), *ds.stride(), *partial.stride(),
+            ONE_PASS=one_pass, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=block_r,
+            DOT_PRECISION=_dot_precision(dy.dtype), ACC_DTYPE=_acc_constexpr(dy.dtype),
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+    return ds, partial
+
+
+_SUM_BLOCK = 1024
+
+
+def _sum_partials(*reductions: Tuple[torch.Tensor, torch.dtype]) -> List[torch.Tensor]:
+    """Each (partials (pieces, ...), dtype) summed over its pieces, in ``dtype``; a single piece is already the
+    result (its kernel wrote it in ``dtype``). All reductions with several pieces (at most two) are summed by
+    one launch, in a fixed order (deterministic)."""
+    results, pending = [], []
+    for partial, dtype in reductions:
+        if partial.shape[0] == 1:
+            results.append(partial[0])
+        else:
+            results.append(torch.empty(partial.shape[1:], device=partial.device, dtype=dtype))
+            pending.append((partial, results[-1]))
+    if len(pending) > 2:
+        raise ValueError("at most two reductions per launch")
+    if pending:
+        (pa, a_out), (pb, b_out) = pending[0], pending[1] if len(pending) == 2 else (pending[0][0], pending[0][1][:0])
+        programs = triton.cdiv(a_out.numel(), _SUM_BLOCK) + triton.cdiv(b_out.numel(), _SUM_BLOCK)
+        with _on(pa.device):
+            kernels._sum_partials_kernel[(programs,)](
+                pa, a_out, a_out.numel(), pa.shape[0], pb, b_out, b_out.numel(), pb.shape[0], BLOCK=_SUM_BLOCK,
+                num_warps=4,
+            )
+    return results
 
 
 def _rank_tiles(total_rank: int, config: tuning.LowRankConfig) -> Tuple[int, int]:
@@ -367,7 +407,7 @@ def _grad_a(
             DOT_PRECISION=_dot_precision(x.dtype), ACC_DTYPE=_acc_constexpr(x.dtype),
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
-    return partial[0] if splits == 1 else partial.sum(0).to(x.dtype)
+    return partial  # (splits, R, K): the launcher sums them with dB's
 
 
 def forward(
@@ -422,12 +462,7 @@ def backward(
     coefs = _branch_coefficients(scalings, p)
     threshold = _threshold(p)
     mask = _saved_mask(s, k, seed, threshold, len(ranks)) if threshold > 0 else None
-    width = a_cat.shape[0]
-    narrow = tuning.narrow_matmul_config(x.device, x.dtype, width)
-
-    ds = torch.empty((m, width), device=x.device, dtype=x.dtype)
-    _launch_matmul(ds, dy, b_cat, narrow)
-    db = _reduce_over_rows(dy.t(), s, b_cat.dtype, narrow)
+    ds, db_partial = _grad_s_b(dy, b_cat, s)
 
     dx = None
     if need_dx:
@@ -442,7 +477,8 @@ def backward(
             dx = dy @ weight
             _launch_matmul(dx, None, None, tuning.epilogue_only_config(x.device, x.dtype), low_rank=low_rank,
                            scaled=scaled, masked=masked, accumulate=True)
-    da = _grad_a(ds, x, ranks, coefs, threshold, seed, mask)
+    da, db = _sum_partials((_grad_a(ds, x, ranks, coefs, threshold, seed, mask), a_cat.dtype),
+                           (db_partial, b_cat.dtype))
     return dx, da, db
 
 
@@ -468,3 +504,35 @@ def dropout_masks(seed: int, n_branches: int, m: int, k: int, p: float, device: 
 def packed_mask_of(s: torch.Tensor, k: int, p: float, seed: int, n_branches: int) -> Optional[torch.Tensor]:
     """The packed mask (M, ceil(K/2)) uint8 saved with ``s`` by ``forward``, or None (for tests)."""
     return _saved_mask(s, k, seed, _threshold(p), n_branches)
+
+
+_PACK_BLOCK, _PACK_WARPS = 512, 4  # 1024 elements per program spill registers on sm_90 (compile_check)
+
+
+def pack_adapters(a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tensor],
+                  dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A_cat = [A_1; ...; A_n] (R, K) and B_cat = [B_1 | ... | B_n] (N, R), contiguous, in ``dtype``: one
+    launch for both (``torch.cat`` of each and a cast would be up to four)."""
+    n = len(a_list)
+    if not 1 <= n <= MAX_BRANCHES or len(b_list) != n:
+        raise ValueError(f"triton backend: expected 1 to {MAX_BRANCHES} A and as many B, got {n} and {len(b_list)}")
+    device, k, rows = a_list[0].device, a_list[0].shape[1], b_list[0].shape[0]
+    _check_device(device)
+    ranks = [a.shape[0] for a in a_list]
+    bounds = [sum(ranks[: i + 1]) for i in range(n)]
+    total = bounds[-1]
+    bounds += [total] * (MAX_BRANCHES - n)
+    a_cat = torch.empty((total, k), device=device, dtype=dtype)
+    b_cat = torch.empty((rows, total), device=device, dtype=dtype)
+    elements = max(a_cat.numel(), b_cat.numel())
+    if elements == 0:
+        return a_cat, b_cat
+    a_ptrs = list(a_list) + [a_cat] * (MAX_BRANCHES - n)
+    b_ptrs = list(b_list) + [b_cat] * (MAX_BRANCHES - n)
+    with _on(device):
+        kernels._pack_adapters_kernel[(triton.cdiv(elements, _PACK_BLOCK),)](
+            *a_ptrs, *b_ptrs, a_cat, b_cat, k, rows, total, *bounds[:3],
+            *[s for a in a_ptrs for s in a.stride()], *[s for b in b_ptrs for s in b.stride()],
+            BRANCHES=n, BLOCK=_PACK_BLOCK, num_warps=_PACK_WARPS,
+        )
+    return a_cat, b_cat

@@ -363,3 +363,165 @@ def _dropout_mask_kernel(
     for branch in tl.static_range(BRANCHES):
         offsets = branch * M * K + rm[:, None] * K + rk[None, :]
         tl.store(keep_ptr + offsets, ((bits >> branch) & 1).to(tl.int8), mask=inside)
+
+
+@triton.jit
+def _gather_rows(ptr, rows, cols, first, last, stride_r, stride_c, inside):
+    """Entries (rows - first, cols) of one branch's matrix where ``first <= rows < last``, else 0."""
+    mine = inside & (rows >= first) & (rows < last)
+    return tl.load(ptr + (rows - first).to(tl.int64) * stride_r + cols.to(tl.int64) * stride_c, mask=mine, other=0.0)
+
+
+@triton.jit
+def _pack_adapters_kernel(
+    a0_ptr, a1_ptr, a2_ptr, a3_ptr, b0_ptr, b1_ptr, b2_ptr, b3_ptr, a_out_ptr, b_out_ptr,
+    K, N, R, r1, r2, r3,
+    s_a0r, s_a0k, s_a1r, s_a1k, s_a2r, s_a2k, s_a3r, s_a3k,
+    s_b0n, s_b0r, s_b1n, s_b1r, s_b2n, s_b2r, s_b3n, s_b3r,
+    BRANCHES: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """A_cat = [A_0; ...; A_n] (R, K) and B_cat = [B_0 | ... | B_n] (N, R), both contiguous, in the outputs'
+    dtype, in one launch (branch s owns rank columns r_s..r_{s+1}; r0 = 0, r4 = R). Program i copies
+    elements i*BLOCK.. of A_cat and the same of B_cat (flat, row-major). Flat indices are 32-bit (adapters
+    have far fewer than 2^31 elements; a 64-bit division would need a stack frame), addresses 64-bit."""
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    in_a = offsets < R * K
+    a_rows, a_cols = offsets // K, offsets % K
+    a = _gather_rows(a0_ptr, a_rows, a_cols, 0, r1, s_a0r, s_a0k, in_a)
+    b_rows, b_cols = offsets % R, offsets // R  # B_s^T's rows are B's rank columns
+    in_b = offsets < N * R
+    b = _gather_rows(b0_ptr, b_rows, b_cols, 0, r1, s_b0r, s_b0n, in_b)
+    if BRANCHES > 1:
+        a += _gather_rows(a1_ptr, a_rows, a_cols, r1, r2, s_a1r, s_a1k, in_a)
+        b += _gather_rows(b1_ptr, b_rows, b_cols, r1, r2, s_b1r, s_b1n, in_b)
+    if BRANCHES > 2:
+        a += _gather_rows(a2_ptr, a_rows, a_cols, r2, r3, s_a2r, s_a2k, in_a)
+        b += _gather_rows(b2_ptr, b_rows, b_cols, r2, r3, s_b2r, s_b2n, in_b)
+    if BRANCHES > 3:
+        a += _gather_rows(a3_ptr, a_rows, a_cols, r3, R, s_a3r, s_a3k, in_a)
+        b += _gather_rows(b3_ptr, b_rows, b_cols, r3, R, s_b3r, s_b3n, in_b)
+    tl.store(a_out_ptr + offsets, a.to(a_out_ptr.dtype.element_ty), mask=in_a)
+    tl.store(b_out_ptr + offsets, b.to(b_out_ptr.dtype.element_ty), mask=in_b)
+
+
+@triton.jit
+def _grad_s_rows(dy_ptr, b_ptr, s_ptr, ds_ptr, g_ptr, tile, rr, M, N, R,
+                 stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dsm, stride_dsr,
+                 stride_gs, stride_gn, stride_gr,
+                 ONE_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """dS[rows of ``tile``, rr] = dy B, sweeping all N; ONE_PASS: also G[tile] = dy[rows]^T S[rows]."""
+    in_rank = rr < R
+    rm = tile.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    if ONE_PASS:  # rows past M are zero here, so the wrapped rows of dy below add nothing to dB
+        s_tile = tl.load(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
+                         mask=(rm < M)[:, None] & in_rank[None, :], other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
+    # dy is read at wrapped indices past its edges (no load mask: the loop stays pipelined): B's rows past
+    # N are zero, so they add nothing to dS, and dS rows past M and dB rows past N are never stored.
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + rn
+        dy_tile = tl.load(dy_ptr + (rm % M)[:, None] * stride_dym + (cols % N).to(tl.int64)[None, :] * stride_dyn)
+        b_tile = tl.load(b_ptr + cols.to(tl.int64)[:, None] * stride_bn + rr[None, :] * stride_br,
+                         mask=(cols < N)[:, None] & in_rank[None, :], other=0.0)
+        acc = tl.dot(dy_tile, b_tile, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        if ONE_PASS:
+            part = tl.dot(tl.trans(dy_tile), s_tile, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            tl.store(g_ptr + tile.to(tl.int64) * stride_gs + cols.to(tl.int64)[:, None] * stride_gn
+                     + rr[None, :] * stride_gr, part.to(g_ptr.dtype.element_ty),
+                     mask=(cols < N)[:, None] & in_rank[None, :])
+    tl.store(ds_ptr + rm[:, None] * stride_dsm + rr[None, :] * stride_dsr, acc.to(ds_ptr.dtype.element_ty),
+             mask=(rm < M)[:, None] & in_rank[None, :])
+
+
+@triton.jit
+def _grad_b_slice(dy_ptr, s_ptr, g_ptr, q, rr, M, N, R, rows_per_slice,
+                  stride_dym, stride_dyn, stride_sm, stride_sr, stride_gs, stride_gn, stride_gr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """G[slice, n-tile, rr] = dy[rows of the slice, n-tile]^T S[rows of the slice, rr] (q = slice * n_tiles + n-tile)."""
+    in_rank = rr < R
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    piece = q // n_tiles
+    rn = (q % n_tiles).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_M)
+    m_start = piece * rows_per_slice
+    m_end = tl.minimum(M, m_start + rows_per_slice)
+    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC_DTYPE)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        rm = (m0 + rows).to(tl.int64)
+        inside = rm < m_end
+        dy_tile = tl.load(dy_ptr + rm[:, None] * stride_dym + (rn % N)[None, :] * stride_dyn,
+                          mask=inside[:, None], other=0.0)
+        s_tile = tl.load(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
+                         mask=inside[:, None] & in_rank[None, :], other=0.0)
+        acc = tl.dot(tl.trans(dy_tile), s_tile, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    tl.store(g_ptr + piece.to(tl.int64) * stride_gs + rn[:, None] * stride_gn + rr[None, :] * stride_gr,
+             acc.to(g_ptr.dtype.element_ty), mask=(rn < N)[:, None] & in_rank[None, :])
+
+
+@triton.jit(do_not_specialize=["rows_per_slice"])
+def _lowrank_grad_sb_kernel(
+    dy_ptr, b_ptr, s_ptr, ds_ptr, g_ptr,
+    M, N, R, ds_programs, rows_per_slice,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dsm, stride_dsr,
+    stride_gs, stride_gn, stride_gr,
+    ONE_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """dS = dy B (M, R) and dB = dy^T S as partial sums G[j] (N, R) in one launch; axis 1: the rank tile
+    (R_t = BLOCK_R x rank tiles columns computed, R of them stored).
+
+    ONE_PASS: program i owns rows i*BLOCK_M.. and sweeps all of N once; per BLOCK_N step it adds
+    dy_tile B_tile to its dS tile and stores dy_tile^T S_tile as G[i] (the launcher sums the G[i] with
+    ``torch.sum``: deterministic, no atomics). dy is read once. FLOPs: 2 M N R_t each for dS and dB;
+    HBM bytes (16-bit dy, S, dS): 2 M N (dy) + 2 M R (S) + 2 M R (dS) + 2 N R per row tile (B, mostly
+    from L2) + 8 N R x M / BLOCK_M (fp32 partials written, then read by the sum).
+    Otherwise (wide ranks, where those partials would cost more than reading dy twice) programs below
+    ``ds_programs`` compute dS row tiles and the others dB over slices of ``rows_per_slice`` rows (program
+    ds_programs + slice * n_tiles + n_tile): still one launch; bytes 4 M N + 6 M R + 8 N R x slices.
+    """
+    pid = tl.program_id(0)
+    rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    if ONE_PASS:
+        _grad_s_rows(dy_ptr, b_ptr, s_ptr, ds_ptr, g_ptr, pid, rr, M, N, R,
+                     stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dsm, stride_dsr,
+                     stride_gs, stride_gn, stride_gr, True, BLOCK_M, BLOCK_N, BLOCK_R, DOT_PRECISION, ACC_DTYPE)
+    else:
+        if pid < ds_programs:
+            _grad_s_rows(dy_ptr, b_ptr, s_ptr, ds_ptr, g_ptr, pid, rr, M, N, R,
+                         stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dsm,
+                         stride_dsr, stride_gs, stride_gn, stride_gr, False, BLOCK_M, BLOCK_N, BLOCK_R,
+                         DOT_PRECISION, ACC_DTYPE)
+        else:
+            _grad_b_slice(dy_ptr, s_ptr, g_ptr, pid - ds_programs, rr, M, N, R, rows_per_slice,
+                          stride_dym, stride_dyn, stride_sm, stride_sr, stride_gs, stride_gn, stride_gr,
+                          BLOCK_M, BLOCK_N, BLOCK_R, DOT_PRECISION, ACC_DTYPE)
+
+
+@triton.jit
+def _sum_slices(p_ptr, out_ptr, tile, numel, pieces, BLOCK: tl.constexpr):
+    offsets = tile.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < numel
+    ptrs = p_ptr + offsets
+    acc = tl.load(ptrs, mask=inside, other=0.0)
+    for _ in range(1, pieces):
+        ptrs += numel  # 64-bit pointers: pieces x numel may pass 2^31
+        acc += tl.load(ptrs, mask=inside, other=0.0)
+    tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _sum_partials_kernel(pa_ptr, a_out_ptr, a_numel, a_pieces, pb_ptr, b_out_ptr, b_numel, b_pieces,
+                         BLOCK: tl.constexpr):
+    """out[e] = sum over j = 0, 1, ... of partial[j, e] (contiguous (pieces, numel) partial sums, added in
+    that order in their dtype: deterministic), stored in out's dtype, for two reductions in one launch
+    (dA's and dB's): programs below cdiv(a_numel, BLOCK) sum A's, the others B's. Memory-bound:
+    bytes = pieces x numel x 4 read + numel x 2 written, per reduction."""
+    pid = tl.program_id(0)
+    a_programs = tl.cdiv(a_numel, BLOCK)
+    if pid < a_programs:
+        _sum_slices(pa_ptr, a_out_ptr, pid, a_numel, a_pieces, BLOCK)
+    else:
+        _sum_slices(pb_ptr, b_out_ptr, pid - a_programs, b_numel, b_pieces, BLOCK)
