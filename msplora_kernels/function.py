@@ -265,14 +265,20 @@ class _MSPLoraLinearFunction(torch.autograd.Function):
         ranks, scalings, p, seed, backend, has_bias, a_dtypes, b_dtypes = ctx.meta
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         extra = {"positions": kept[0]} if kept else {}
+        per_branch = backend == "triton" and len(set(a_dtypes)) == 1 and len(set(b_dtypes)) == 1
+        if per_branch:  # each branch's gradient contiguous and in its dtype: autograd copies nothing
+            extra["branch_grads"] = (a_dtypes[0], b_dtypes[0])
         dx, da, db = get_backend(backend).backward(
             dy.contiguous(), x, s, weight, a_cat, b_cat, ranks, scalings, p, seed, need_dx, **extra
         )
         # The base layer is normally frozen; these cover training code that unfreezes it.
         dweight = dy.t() @ x if need_dw else None
         dbias = dy.sum(0) if (need_db and has_bias) else None
-        grads_a = [g.to(t) for g, t in zip(da.split(ranks), a_dtypes)]
-        grads_b = [g.to(t) for g, t in zip(db.split(ranks, dim=1), b_dtypes)]
+        if per_branch:
+            grads_a, grads_b = da, db
+        else:
+            grads_a = [g.to(t) for g, t in zip(da.split(ranks), a_dtypes)]
+            grads_b = [g.to(t) for g, t in zip(db.split(ranks, dim=1), b_dtypes)]
         return (dx if need_dx else None), dweight, dbias, None, None, None, None, None, *grads_a, *grads_b
 
 

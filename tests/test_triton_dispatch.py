@@ -124,8 +124,10 @@ def test_the_tuning_step_writes_a_table_that_parses_and_merges(tmp_path):
 @pytest.mark.parametrize("ranks", [(8, 4, 2), (64, 32, 16)])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_launches_per_whole_layer_call(p, ranks):
-    """Kernels one whole layer call launches (``msplora_linear`` in training mode, then the gradients of x and
-    every adapter; Triton kernels plus torch ops that run a kernel; allocation and views launch nothing).
+    """Kernels one whole layer call launches (``msplora_linear`` in training mode, then ``backward`` into the
+    gradients of x and every adapter, None before as after ``zero_grad()``; Triton kernels plus torch ops
+    that run a kernel; allocation and views launch nothing). Each branch's gradient comes out contiguous
+    in its parameter's dtype, so autograd adopts it without a copy.
 
     Unfused (the default), p = 0: forward 4 = packing A_cat and B_cat (one launch for both, cast included),
     shrink, cuBLAS x W^T + b, y += S B^T (3 with the adapter cache warm); backward 5 = dS and dB in one launch,
@@ -143,3 +145,16 @@ def test_launches_per_whole_layer_call(p, ranks):
     assert counts["fused"] == {"forward": 3 + seed, "backward": 3 + sums, "forward_cached": 2 + seed}, counts
     if p == 0:
         assert counts["unfused"]["forward"] <= 4 and counts["unfused"]["backward"] <= 6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and not dispatch.triton_interpreted(),
+                    reason="needs CUDA or TRITON_INTERPRET=1")
+def test_half_precision_activations_with_fp32_adapters_add_no_casts():
+    """Adapters kept in fp32 beside fp16 activations (as trained in mixed precision): the packing casts them in
+    its one launch, and the gradients are written in fp32 by the kernels: the same counts as all-fp32."""
+    from tests.test_triton_kernels import make_problem
+
+    counts = tune.count_launches(*make_problem(37, 72, 50, (8, 4, 2), dtype=torch.float32), dtype=torch.float16)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sums = 1 if tuning.reduction_splits(37, device) > 1 else 0
+    assert counts["unfused"] == {"forward": 4, "backward": 4 + sums, "forward_cached": 3}, counts

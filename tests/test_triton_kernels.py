@@ -412,3 +412,28 @@ def test_every_launch_compiles_for_hopper_without_spills():
              for line in result.stdout.splitlines() if line.startswith("dropout ")}
     assert costs["draw"] == pytest.approx(roofline.RNG_DRAW_PER_ELEMENT, rel=0.15)
     assert costs["read"] == pytest.approx(roofline.RNG_READ_PER_ELEMENT, rel=0.15)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("ranks", [(8, 4, 2), (16, 0, 3), (40, 3, 0)])
+def test_per_branch_gradients_are_contiguous_in_the_adapters_dtype(ranks, p):
+    """``branch_grads`` (the eager path's request): each branch's dA_s and dB_s written as its own contiguous
+    tensor in the adapters' dtype (fp32 adapters, fp16 activations), so autograd neither copies nor casts;
+    values by the error-ratio rule (judged in fp16, the activations' dtype). (8,4,2): one sweep over dy,
+    (16,0,3) and (40,3,0): two sweeps, the latter over two rank tiles; 37 rows: summed partials."""
+    x, weight, b, branches = make_problem(M, K, N, ranks)
+    dy = torch.randn(M, N, dtype=torch.float64)
+    dtype, seed = torch.float16, 21
+    a_cat, b_cat, rank_list, scalings = packed(branches, dtype)
+    _, s = triton_backend.forward(to(x, dtype), to(weight, dtype), to(b, dtype), a_cat, b_cat, rank_list,
+                                  scalings, p, seed)
+    dx, da, db = triton_backend.backward(to(dy, dtype), to(x, dtype), s, to(weight, dtype), a_cat, b_cat,
+                                         rank_list, scalings, p, seed, True, branch_grads=(torch.float32,) * 2)
+    assert [t.shape for t in da] == [a.shape for a, _, _ in branches]
+    assert [t.shape for t in db] == [bb.shape for _, bb, _ in branches]
+    assert all(t.dtype == torch.float32 and t.is_contiguous() for t in da + db)
+    masks = triton_backend.dropout_masks(seed, len(branches), M, K, p, DEVICE) if p else None
+    _, grads64 = reference_outputs(x, weight, b, branches, dy, p, masks)
+    _, grads_pt = reference_outputs(x, weight, b, branches, dy, p, masks, dtype=dtype)
+    grads = (dx, torch.cat(da).to(dtype), torch.cat(db, dim=1).to(dtype))
+    assert_every_gradient(grads, grads_pt, grads64, ranks)

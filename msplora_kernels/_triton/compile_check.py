@@ -119,6 +119,9 @@ def record_backend_calls(dtype: torch.dtype, ranks: Tuple[int, ...], shapes: Seq
                 with triton_backend.forced_path(path):
                     y, s = triton_backend.forward(x, weight, bias, a_cat, b_cat, list(ranks), scalings, p, 7)
                     triton_backend.backward(y, x, s, weight, a_cat, b_cat, list(ranks), scalings, p, 7, True)
+                    # The eager path: each branch's gradient in the (fp32) adapters' dtype.
+                    triton_backend.backward(y, x, s, weight, a_cat, b_cat, list(ranks), scalings, p, 7, True,
+                                            branch_grads=(torch.float32, torch.float32))
                     if p > 0:  # S without its stored mask: the backward kernels draw it again
                         triton_backend.backward(y, x, torch.empty_like(s), weight, a_cat, b_cat, list(ranks),
                                                 scalings, p, 7, True)

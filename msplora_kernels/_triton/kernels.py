@@ -31,27 +31,36 @@ SM per clock; predictions, no GPU has measured) at M=8192, K=4096, bf16, ranks 8
 bare cuBLAS (x W^T forward, dy W backward):
 
     N       path      fwd     fwd+bwd   (fwd+bwd with the masks drawn in all three kernels)
-    4096    unfused   1.348   1.338     1.474
-    4096    fused     1.251   1.239     1.308
-    11008   unfused   1.193   1.190     1.241
-    11008   fused     1.096   1.122     1.148
+    4096    unfused   1.349   1.317     1.454
+    4096    fused     1.252   1.218     1.287
+    11008   unfused   1.193   1.169     1.220
+    11008   fused     1.096   1.102     1.127
 
-(p = 0: fwd+bwd 1.205 / 1.107 at N=4096, 1.140 / 1.073 at N=11008.) The 1.12x target is not met: at N=4096
-the shrink is integer-bound (69 us of RNG against 17 us of memory traffic for x), and the unfused path's
-extra passes (y += S B^T, dS and dB reading dy separately, the dx epilogue's read and write of dx) cost
-another ~100 us against the bare layer's 556 us. What would close it: drawing work proportional to p (a
-complement-sparse draw, issue 11 design 1) and one pass over dy for dS and dB.
+(p = 0: fwd+bwd 1.184 / 1.087 at N=4096, 1.119 / 1.053 at N=11008; before dS and dB shared one sweep over
+dy: 1.338 / 1.239 and 1.190 / 1.122 at p=0.05, 1.205 / 1.107 and 1.140 / 1.073 at p=0.) The 1.12x target
+is not met at N=4096: the shrink is integer-bound (69 us of RNG against 17 us of memory traffic for x), and
+the unfused path's extra passes (y += S B^T, the dx epilogue's read and write of dx) cost another ~60 us
+against the bare layer's 556 us. What would close it: drawing work proportional to p (a complement-sparse
+draw, issue 11 design 1).
 
 Kernels (all accumulate in fp32, fp64 for fp64 inputs, and store in the output's dtype):
 
     _matmul_lowrank_kernel   C (+)= P Q + bias + low-rank term                        (one write of C)
         forward:  P = x,  Q = W^T,  L = S,  U = B^T, unmasked, unscaled            ->  y
         dx:       P = dy, Q = W,    L = dS, U = A,   sum_s c_s keep_s ⊙ (dS_s A_s)  ->  dx
-        plain:    dS = dy B,  dB = dy^T S (split over M),  x W^T (``linear``),  y += S B^T (unfused)
+        plain:    x W^T (``linear``),  y += S B^T (unfused)
     _shrink_kernel           S[:, s] = c_s (keep_s ⊙ x) A_s^T, and the packed mask    (M, R), (M, K/2)
+    _lowrank_grad_sb_kernel  dS = dy B and dB's partials dy_j^T S_j, one sweep over dy (M, R), (pieces, N, R)
     _lowrank_grad_a_kernel   G[j, s] = c_s dS_s^T (keep_s ⊙ x) over the rows of slice j (splits, R, K)
-                             (the launcher sums the slices: dA_s = c_s dS_s^T D_s(x))
+    _sum_partials_kernel     dA = sum_j G[j], dB = sum_j G'[j], one launch, fixed order
+    _pack_adapters_kernel    A_cat, B_cat from the branches' A_s, B_s, cast           (R, K), (N, R)
     _dropout_mask_kernel     keep[s, m, k]                                            (n, M, K)
+
+Rank padding: the epilogues loop over ranks in steps of ``tuning.rank_step`` (each range padded to a
+multiple of 16: R = 112 is seven steps of 16, the masked dx's 64/32/16 is 112 columns, not 3 x 64; 8/4/2
+stays 3 x 16, one tensor-core product per branch mask); kernels whose output is the rank (shrink, dS/dB,
+dA) use one power-of-two tile, so that they read x or dy once (memory-bound: the padded columns cost
+tensor-core time they have to spare, ``benchmarks.roofline``).
 
 Row offsets are 64-bit, so M*K or M*N beyond 2^31 elements are addressed correctly. ``seed`` and the
 threshold are never specialised by the launcher (``do_not_specialize``): a seed divisible by 16 must not
@@ -405,9 +414,24 @@ def _pack_adapters_kernel(
 
 
 @triton.jit
-def _grad_s_rows(dy_ptr, b_ptr, s_ptr, ds_ptr, g_ptr, tile, rr, M, N, R,
+def _g_offsets(bounds_ptr, rr, rn, N, stride_gn, stride_gr, BLOCKED_G: tl.constexpr):
+    """Offsets of dB[rn, rr] in one partial: (N, R) with strides, or BLOCKED_G: branch s's columns stored as
+    their own contiguous (N, r_s) matrix from N * bounds[s] on (each branch's gradient a contiguous view)."""
+    if BLOCKED_G:
+        b1 = tl.load(bounds_ptr + 1)
+        b2 = tl.load(bounds_ptr + 2)
+        b3 = tl.load(bounds_ptr + 3)
+        b4 = tl.load(bounds_ptr + 4)
+        first = tl.where(rr < b1, 0, tl.where(rr < b2, b1, tl.where(rr < b3, b2, b3))).to(tl.int64)
+        last = tl.where(rr < b1, b1, tl.where(rr < b2, b2, tl.where(rr < b3, b3, b4))).to(tl.int64)
+        return rn.to(tl.int64)[:, None] * (last - first)[None, :] + (first * N + rr - first)[None, :]
+    return rn.to(tl.int64)[:, None] * stride_gn + rr[None, :] * stride_gr
+
+
+@triton.jit
+def _grad_s_rows(dy_ptr, b_ptr, s_ptr, ds_ptr, g_ptr, bounds_ptr, tile, rr, M, N, R,
                  stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dsm, stride_dsr,
-                 stride_gs, stride_gn, stride_gr,
+                 stride_gs, stride_gn, stride_gr, BLOCKED_G: tl.constexpr,
                  ONE_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """dS[rows of ``tile``, rr] = dy B, sweeping all N; ONE_PASS: also G[tile] = dy[rows]^T S[rows]."""
@@ -428,17 +452,17 @@ def _grad_s_rows(dy_ptr, b_ptr, s_ptr, ds_ptr, g_ptr, tile, rr, M, N, R,
         acc = tl.dot(dy_tile, b_tile, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         if ONE_PASS:
             part = tl.dot(tl.trans(dy_tile), s_tile, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-            tl.store(g_ptr + tile.to(tl.int64) * stride_gs + cols.to(tl.int64)[:, None] * stride_gn
-                     + rr[None, :] * stride_gr, part.to(g_ptr.dtype.element_ty),
-                     mask=(cols < N)[:, None] & in_rank[None, :])
+            tl.store(g_ptr + tile.to(tl.int64) * stride_gs
+                     + _g_offsets(bounds_ptr, rr, cols, N, stride_gn, stride_gr, BLOCKED_G),
+                     part.to(g_ptr.dtype.element_ty), mask=(cols < N)[:, None] & in_rank[None, :])
     tl.store(ds_ptr + rm[:, None] * stride_dsm + rr[None, :] * stride_dsr, acc.to(ds_ptr.dtype.element_ty),
              mask=(rm < M)[:, None] & in_rank[None, :])
 
 
 @triton.jit
-def _grad_b_slice(dy_ptr, s_ptr, g_ptr, q, rr, M, N, R, rows_per_slice,
+def _grad_b_slice(dy_ptr, s_ptr, g_ptr, bounds_ptr, q, rr, M, N, R, rows_per_slice,
                   stride_dym, stride_dyn, stride_sm, stride_sr, stride_gs, stride_gn, stride_gr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                  BLOCKED_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """G[slice, n-tile, rr] = dy[rows of the slice, n-tile]^T S[rows of the slice, rr] (q = slice * n_tiles + n-tile)."""
     in_rank = rr < R
@@ -457,17 +481,17 @@ def _grad_b_slice(dy_ptr, s_ptr, g_ptr, q, rr, M, N, R, rows_per_slice,
         s_tile = tl.load(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
                          mask=inside[:, None] & in_rank[None, :], other=0.0)
         acc = tl.dot(tl.trans(dy_tile), s_tile, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-    tl.store(g_ptr + piece.to(tl.int64) * stride_gs + rn[:, None] * stride_gn + rr[None, :] * stride_gr,
+    tl.store(g_ptr + piece.to(tl.int64) * stride_gs + _g_offsets(bounds_ptr, rr, rn, N, stride_gn, stride_gr, BLOCKED_G),
              acc.to(g_ptr.dtype.element_ty), mask=(rn < N)[:, None] & in_rank[None, :])
 
 
 @triton.jit(do_not_specialize=["rows_per_slice"])
 def _lowrank_grad_sb_kernel(
-    dy_ptr, b_ptr, s_ptr, ds_ptr, g_ptr,
+    dy_ptr, b_ptr, s_ptr, ds_ptr, g_ptr, bounds_ptr,
     M, N, R, ds_programs, rows_per_slice,
     stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dsm, stride_dsr,
     stride_gs, stride_gn, stride_gr,
-    ONE_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCKED_G: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """dS = dy B (M, R) and dB = dy^T S as partial sums G[j] (N, R) in one launch; axis 1: the rank tile
@@ -481,23 +505,24 @@ def _lowrank_grad_sb_kernel(
     Otherwise (wide ranks, where those partials would cost more than reading dy twice) programs below
     ``ds_programs`` compute dS row tiles and the others dB over slices of ``rows_per_slice`` rows (program
     ds_programs + slice * n_tiles + n_tile): still one launch; bytes 4 M N + 6 M R + 8 N R x slices.
+    BLOCKED_G: G[j] holds each branch's dB_s as a contiguous (N, r_s) block (``_g_offsets``).
     """
     pid = tl.program_id(0)
     rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     if ONE_PASS:
-        _grad_s_rows(dy_ptr, b_ptr, s_ptr, ds_ptr, g_ptr, pid, rr, M, N, R,
+        _grad_s_rows(dy_ptr, b_ptr, s_ptr, ds_ptr, g_ptr, bounds_ptr, pid, rr, M, N, R,
                      stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dsm, stride_dsr,
-                     stride_gs, stride_gn, stride_gr, True, BLOCK_M, BLOCK_N, BLOCK_R, DOT_PRECISION, ACC_DTYPE)
+                     stride_gs, stride_gn, stride_gr, BLOCKED_G, True, BLOCK_M, BLOCK_N, BLOCK_R, DOT_PRECISION, ACC_DTYPE)
     else:
         if pid < ds_programs:
-            _grad_s_rows(dy_ptr, b_ptr, s_ptr, ds_ptr, g_ptr, pid, rr, M, N, R,
+            _grad_s_rows(dy_ptr, b_ptr, s_ptr, ds_ptr, g_ptr, bounds_ptr, pid, rr, M, N, R,
                          stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dsm,
-                         stride_dsr, stride_gs, stride_gn, stride_gr, False, BLOCK_M, BLOCK_N, BLOCK_R,
+                         stride_dsr, stride_gs, stride_gn, stride_gr, BLOCKED_G, False, BLOCK_M, BLOCK_N, BLOCK_R,
                          DOT_PRECISION, ACC_DTYPE)
         else:
-            _grad_b_slice(dy_ptr, s_ptr, g_ptr, pid - ds_programs, rr, M, N, R, rows_per_slice,
+            _grad_b_slice(dy_ptr, s_ptr, g_ptr, bounds_ptr, pid - ds_programs, rr, M, N, R, rows_per_slice,
                           stride_dym, stride_dyn, stride_sm, stride_sr, stride_gs, stride_gn, stride_gr,
-                          BLOCK_M, BLOCK_N, BLOCK_R, DOT_PRECISION, ACC_DTYPE)
+                          BLOCKED_G, BLOCK_M, BLOCK_N, BLOCK_R, DOT_PRECISION, ACC_DTYPE)
 
 
 @triton.jit

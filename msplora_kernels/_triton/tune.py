@@ -65,10 +65,13 @@ _NO_LAUNCH = {"empty", "empty_strided", "empty_like", "view", "_unsafe_view", "t
               "sym_numel", "sym_storage_offset", "is_contiguous"}
 
 
-def count_launches(x, weight, bias, branches, p: float = 0.0, seed: int = 3) -> Dict[str, Dict[str, int]]:
+def count_launches(x, weight, bias, branches, p: float = 0.0, seed: int = 3,
+                   dtype: torch.dtype = torch.float32) -> Dict[str, Dict[str, int]]:
     """Kernels one whole layer call launches, per path: ``msplora_kernels.msplora_linear`` in training mode on
-    the Triton backend (fp32 adapters as parameters, x requiring grad, W and b frozen: the eager autograd
-    Function, its adapter packing and casts included), then ``torch.autograd.grad`` of x and every adapter.
+    the Triton backend (x, W and b in ``dtype``, fp32 adapters as parameters, x requiring grad, W and b
+    frozen: the eager autograd
+    Function, its adapter packing and casts included), then ``backward`` into the gradients of x and every
+    adapter (all None before, as after ``zero_grad()``: autograd's accumulation is counted too).
     Each Triton launch counts one, each torch op that runs a kernel (not allocation or views) one.
     ``forward_cached``: the forward again with ``MSPLORA_ADAPTER_CACHE=1`` and unchanged adapters."""
     from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
@@ -76,12 +79,12 @@ def count_launches(x, weight, bias, branches, p: float = 0.0, seed: int = 3) -> 
     from .. import function, msplora_linear, triton_backend
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    dtype = torch.float32
     x = x.detach().to(device, dtype).requires_grad_()
     weight = weight.detach().to(device, dtype)
     bias = None if bias is None else bias.detach().to(device, dtype)
-    params = [(torch.nn.Parameter(a.detach().to(device, dtype)), torch.nn.Parameter(b.detach().to(device, dtype)),
-               c) for a, b, c in branches]
+    fp32 = torch.float32
+    params = [(torch.nn.Parameter(a.detach().to(device, fp32)), torch.nn.Parameter(b.detach().to(device, fp32)), c)
+              for a, b, c in branches]
     leaves = [x] + [t for a, b, _ in params for t in (a, b)]
     dy = torch.randn(x.shape[0], weight.shape[0], device=device, dtype=dtype)
     count = [0]
@@ -122,9 +125,11 @@ def count_launches(x, weight, bias, branches, p: float = 0.0, seed: int = 3) -> 
             setattr(kernels, name, Spy(saved[name]))
         for path in ("unfused", "fused"):
             with triton_backend.forced_path(path):
-                torch.autograd.grad(layer(), leaves, dy)  # warm caches
+                layer().backward(dy)  # warm caches
                 forward, y = counted(layer)
-                backward, _ = counted(lambda: torch.autograd.grad(y, leaves, dy))
+                for leaf in leaves:
+                    leaf.grad = None  # as after optimizer.zero_grad(): autograd's accumulation is counted too
+                backward, _ = counted(lambda: y.backward(dy))
                 os.environ[function.CACHE_ENV_VAR] = "1"
                 function.clear_adapter_cache()
                 layer()

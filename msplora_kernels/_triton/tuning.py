@@ -212,6 +212,16 @@ def shrink_config(config: LowRankConfig, block_r: int, strides: Sequence[int]) -
     return LowRankConfig(config.block_m, block_k, config.max_block_r, config.num_warps, stages)
 
 
+def grad_a_config(config: LowRankConfig, block_r: int, strides: Sequence[int]) -> LowRankConfig:
+    """The dA kernel's tiles for a rank tile of ``block_r`` over operands with these strides: a 128-wide rank
+    tile over unaligned rows (a stride neither 1 nor a multiple of 16: per-element addresses) takes 64
+    columns of x per program (128 x 128 fp32 accumulators spill there on sm_90, compile_check at K = 72)."""
+    if block_r > 64 and not all(s == 1 or s % 16 == 0 for s in strides):
+        return LowRankConfig(config.block_m, min(config.block_k, 64), config.max_block_r, config.num_warps,
+                             config.num_stages)
+    return config
+
+
 def epilogue_only_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> MatmulConfig:
     if dtype in (torch.float32, torch.float64):
         return _lookup(_EPILOGUE_ONLY_32BIT, device)
