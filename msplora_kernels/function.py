@@ -247,7 +247,8 @@ class _MSPLoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, ranks, scalings, p, seed, backend, *adapters):
         n = len(ranks)
         a_list, b_list = adapters[:n], adapters[n:]
-        a_cat, b_cat = _adapter_cache.get(a_list, b_list, x.dtype, backend, _call_state.grad_enabled and any(ctx.needs_input_grad))
+        training_call = getattr(_call_state, "grad_enabled", True) and any(ctx.needs_input_grad)
+        a_cat, b_cat = _adapter_cache.get(a_list, b_list, x.dtype, backend, training_call)
         kept: List[torch.Tensor] = []
         if backend == "torch" and p > 0:  # the PyTorch backend can hand its dropped positions to backward
             y, s = get_backend(backend).forward(x, weight, bias, a_cat, b_cat, ranks, scalings, p, seed,

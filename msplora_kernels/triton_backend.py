@@ -334,7 +334,8 @@ def _grad_s_b(dy: torch.Tensor, b_cat: torch.Tensor, s: torch.Tensor, out_dtype:
         kernels._lowrank_grad_sb_kernel[(programs, triton.cdiv(rank, block_r))](
             dy, b_cat, s, ds, partial, bounds if bounds is not None else ds, m, n, rank, row_tiles, rows_per_slice,
             *dy.stride(), *b_cat.stride(), *s.stride(), *ds.stride(), *strides,
-            BLOCKED_G=bounds is not None, ONE_PASS=one_pass, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=block_r,
+            BLOCKED_G=bounds is not None, ONE_PASS=one_pass,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=block_r,
             DOT_PRECISION=_dot_precision(dy.dtype), ACC_DTYPE=_acc_constexpr(dy.dtype),
             num_warps=config.num_warps, num_stages=config.num_stages,
         )

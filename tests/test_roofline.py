@@ -36,7 +36,9 @@ def test_its_tiles_and_rules_are_the_backends(monkeypatch):
 
 def test_the_backends_dS_dB_rule_is_the_cheaper_sweep():
     """One sweep over dy (fp32 partials per 256-row tile) where the ranks are narrow, two where wide."""
-    backward = lambda ranks, ds_db: roofline.predict(*LLAMA, ranks, 0.0, "unfused", ds_db=ds_db)["backward"]  # noqa: E731
+    def backward(ranks, ds_db):
+        return roofline.predict(*LLAMA, ranks, 0.0, "unfused", ds_db=ds_db)["backward"]
+
     for ranks in [(8, 4, 2), (16, 8, 4), (64, 32, 16)]:
         chosen = "one" if roofline.grad_sb_one_sweep(sum(ranks)) else "two"
         assert backward(ranks, chosen) <= min(backward(ranks, "one"), backward(ranks, "two"))

@@ -464,7 +464,8 @@ def _grad_b_slice(dy_ptr, s_ptr, g_ptr, bounds_ptr, q, rr, M, N, R, rows_per_sli
                   stride_dym, stride_dyn, stride_sm, stride_sr, stride_gs, stride_gn, stride_gr,
                   BLOCKED_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """G[slice, n-tile, rr] = dy[rows of the slice, n-tile]^T S[rows of the slice, rr] (q = slice * n_tiles + n-tile)."""
+    """G[slice, n-tile, rr] = dy[rows of the slice, n-tile]^T S[rows of the slice, rr]
+    (q = slice * n_tiles + n-tile)."""
     in_rank = rr < R
     n_tiles = tl.cdiv(N, BLOCK_N)
     piece = q // n_tiles
@@ -481,7 +482,8 @@ def _grad_b_slice(dy_ptr, s_ptr, g_ptr, bounds_ptr, q, rr, M, N, R, rows_per_sli
         s_tile = tl.load(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
                          mask=inside[:, None] & in_rank[None, :], other=0.0)
         acc = tl.dot(tl.trans(dy_tile), s_tile, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-    tl.store(g_ptr + piece.to(tl.int64) * stride_gs + _g_offsets(bounds_ptr, rr, rn, N, stride_gn, stride_gr, BLOCKED_G),
+    tl.store(g_ptr + piece.to(tl.int64) * stride_gs
+             + _g_offsets(bounds_ptr, rr, rn, N, stride_gn, stride_gr, BLOCKED_G),
              acc.to(g_ptr.dtype.element_ty), mask=(rn < N)[:, None] & in_rank[None, :])
 
 
@@ -491,7 +493,8 @@ def _lowrank_grad_sb_kernel(
     M, N, R, ds_programs, rows_per_slice,
     stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dsm, stride_dsr,
     stride_gs, stride_gn, stride_gr,
-    BLOCKED_G: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCKED_G: tl.constexpr, ONE_PASS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """dS = dy B (M, R) and dB = dy^T S as partial sums G[j] (N, R) in one launch; axis 1: the rank tile
@@ -512,7 +515,8 @@ def _lowrank_grad_sb_kernel(
     if ONE_PASS:
         _grad_s_rows(dy_ptr, b_ptr, s_ptr, ds_ptr, g_ptr, bounds_ptr, pid, rr, M, N, R,
                      stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dsm, stride_dsr,
-                     stride_gs, stride_gn, stride_gr, BLOCKED_G, True, BLOCK_M, BLOCK_N, BLOCK_R, DOT_PRECISION, ACC_DTYPE)
+                     stride_gs, stride_gn, stride_gr, BLOCKED_G, True, BLOCK_M, BLOCK_N, BLOCK_R,
+                     DOT_PRECISION, ACC_DTYPE)
     else:
         if pid < ds_programs:
             _grad_s_rows(dy_ptr, b_ptr, s_ptr, ds_ptr, g_ptr, bounds_ptr, pid, rr, M, N, R,
