@@ -39,7 +39,14 @@ RNG_DRAW_PER_ELEMENT = 30.4
 RNG_READ_PER_ELEMENT = 13.4
 BF16, FP32 = 2, 4
 SPLITS = 8
-RANK_TILE = 16  # the smallest tl.dot width: every masked branch's product is this wide
+# Rank padding (``msplora_kernels._triton.tuning``): a rank *tile* (the rank as an output dimension: S, dS,
+# dB, dA) is a power of two from 16 to 128; a rank *step* (the rank as a reduction: S B^T, dS_s A_s) pads each
+# range to a multiple of 16 (``rank_padding="pow2"`` models the earlier power-of-two steps).
+RANK_QUANTUM, MAX_RANK_TILE = 16, 128
+# dS = dy B and dB = dy^T S in one launch (``_lowrank_grad_sb_kernel``, sm_90, 16-bit): one sweep over dy with
+# GRAD_BLOCK_M-row tiles, each writing an fp32 dB partial, while 8 R_t < GRAD_BLOCK_M x 2 bytes; else two
+# sweeps (dS row tiles and dB slices) in the same launch. B (N x R) is read from HBM once (L2 holds it).
+GRAD_BLOCK_M = 256
 
 
 @dataclass
@@ -61,10 +68,30 @@ class Launch:
         return terms[what], what
 
 
+def rank_tile(r: int) -> int:
+    return max(RANK_QUANTUM, min(1 << max(r - 1, 0).bit_length(), MAX_RANK_TILE))
+
+
+def rank_steps(ranks: Sequence[int], padding: str = "16") -> int:
+    """Rank columns a loop over these ranges computes: each rounded up to 16 (or, ``pow2``, to the power-of-two
+    step the kernels used before: the widest range's, for every range)."""
+    if padding == "pow2":
+        step = rank_tile(max(ranks))
+        return sum(-(-r // step) * step for r in ranks)
+    return sum(-(-r // RANK_QUANTUM) * RANK_QUANTUM for r in ranks)
+
+
+def grad_sb_one_sweep(r: int) -> bool:
+    """The backend's rule (``tuning.grad_sb_config``) for 16-bit dy on sm_90."""
+    return 8 * rank_tile(r) < GRAD_BLOCK_M * BF16
+
+
 def layer_launches(m: int, k: int, n: int, ranks: Sequence[int], p: float, path: str,
-                   rng: str = "once") -> Dict[str, List[Launch]]:
+                   rng: str = "once", rank_padding: str = "16", ds_db: str = "auto") -> Dict[str, List[Launch]]:
     """The launches of one layer's forward and backward. ``path``: unfused, fused or bare; ``rng``: once (the
-    shrink draws and stores the packed mask, dx and dA read it) or redraw (each of the three draws again)."""
+    shrink draws and stores the packed mask, dx and dA read it) or redraw (each of the three draws again);
+    ``rank_padding``: 16 (now) or pow2 (before); ``ds_db``: auto (the backend's rule), one (one sweep over dy),
+    two (two sweeps, one launch) or separate (the earlier two launches, dB split over 8 slices)."""
     r = sum(ranks)
     branches = len(ranks)
     masked = p > 0
@@ -81,15 +108,30 @@ def layer_launches(m: int, k: int, n: int, ranks: Sequence[int], p: float, path:
         mask_read = mask_write = 0.0
     else:
         mask_read, mask_write = mask, mask
-    shrink_width = RANK_TILE * branches if masked else r
-    low_rank_y = 2.0 * m * n * r
-    masked_dx = 2.0 * m * k * (max(RANK_TILE, max(ranks)) * branches if masked else r)
+    tile = rank_tile(r) * -(-r // MAX_RANK_TILE)  # rank-tile columns (S, dS, dB, dA), all tiles
+    # A masked shrink or dA adds one full-tile product per branch (the other branches' rows zeroed).
+    tile_products = tile * (branches if masked else 1)
+    low_rank_y = 2.0 * m * n * rank_steps([r], rank_padding)
+    masked_dx = 2.0 * m * k * (rank_steps(ranks, rank_padding) if masked else rank_steps([r], rank_padding))
     s_bytes, a_bytes, b_bytes = m * r * BF16, r * k * BF16, n * r * BF16
-    forward = [Launch("shrink S = c_s D_s(x) A_s^T" + (" + mask" if masked else ""), 2.0 * m * k * shrink_width,
+    # fp32 adapters (as trained) read once, A_cat and B_cat written in bf16.
+    forward = [Launch("pack A_cat, B_cat (one launch, cast)", 0.0, (r * k + n * r) * (FP32 + BF16)),
+               Launch("shrink S = c_s D_s(x) A_s^T" + (" + mask" if masked else ""), 2.0 * m * k * tile_products,
                       x + a_bytes + s_bytes + mask_write, draw)]
-    backward = [Launch("dS = dy B", 2.0 * m * n * r, y + b_bytes + s_bytes),
-                Launch("dB = dy^T S (8 slices)", 2.0 * m * n * r, y + s_bytes + SPLITS * n * r * FP32),
-                Launch("sum dB slices", 0.0, SPLITS * n * r * FP32 + b_bytes)]
+    if ds_db == "auto":
+        ds_db = "one" if grad_sb_one_sweep(r) else "two"
+    if ds_db == "separate":
+        backward = [Launch("dS = dy B", 2.0 * m * n * tile, y + b_bytes + s_bytes),
+                    Launch("dB = dy^T S (8 slices)", 2.0 * m * n * tile, y + s_bytes + SPLITS * n * r * FP32)]
+        pieces = SPLITS
+    elif ds_db == "one":
+        pieces = -(-m // GRAD_BLOCK_M)
+        backward = [Launch(f"dS, dB (1 sweep over dy, {pieces} partials)", 4.0 * m * n * tile,
+                           y + b_bytes + 2 * s_bytes + pieces * n * r * FP32)]
+    else:
+        pieces = SPLITS
+        backward = [Launch("dS, dB (2 sweeps over dy, 1 launch)", 4.0 * m * n * tile,
+                           2 * y + b_bytes + 3 * s_bytes + SPLITS * n * r * FP32)]
     if path == "unfused":
         forward += [Launch("x W^T + b (cuBLAS)", gemm_flops, x + w + y, gemm=True),
                     Launch("y += S B^T", low_rank_y, 2 * y + s_bytes + b_bytes)]
@@ -101,16 +143,18 @@ def layer_launches(m: int, k: int, n: int, ranks: Sequence[int], p: float, path:
                            gemm=True)]
         backward += [Launch("dy W + masked dS A (ours)", gemm_flops + masked_dx, y + w + x + s_bytes + a_bytes + mask_read,
                             read, gemm=True)]
-    backward += [Launch("dA = c_s dS_s^T D_s(x) (8 slices)", 2.0 * m * k * (RANK_TILE * branches if masked else r),
+    backward += [Launch("dA = c_s dS_s^T D_s(x) (8 slices)", 2.0 * m * k * tile_products,
                         x + s_bytes + mask_read + SPLITS * r * k * FP32, read),
-                 Launch("sum dA slices", 0.0, SPLITS * r * k * FP32 + a_bytes)]
+                 Launch(f"sum dA (8) and dB ({pieces}) partials, one launch", 0.0,
+                        SPLITS * r * k * FP32 + a_bytes + pieces * n * r * FP32 + b_bytes)]
     return {"forward": forward, "backward": backward}
 
 
 def predict(m: int, k: int, n: int, ranks: Sequence[int], p: float, path: str, rng: str = "once",
-            derated: bool = False) -> Dict[str, float]:
-    """Predicted seconds of forward, backward and fwd+bwd, and their ratios to bare."""
-    ours = layer_launches(m, k, n, ranks, p, path, rng)
+            derated: bool = False, **design: str) -> Dict[str, float]:
+    """Predicted seconds of forward, backward and fwd+bwd, and their ratios to bare (``design``:
+    ``rank_padding`` and ``ds_db`` of ``layer_launches``)."""
+    ours = layer_launches(m, k, n, ranks, p, path, rng, **design)
     bare = layer_launches(m, k, n, ranks, p, "bare")
     result = {}
     for mode in ("forward", "backward"):
@@ -125,11 +169,11 @@ def predict(m: int, k: int, n: int, ranks: Sequence[int], p: float, path: str, r
 
 def _table(m, k, n, ranks, p, path) -> str:
     lines = [f"\n{path} path, M={m} K={k} N={n}, ranks {'/'.join(map(str, ranks))}, p={p:g} (H200 lower bounds)",
-             f"{'launch':44s} {'GFLOP':>8s} {'MB':>8s} {'G int':>7s} {'us':>8s}  bound"]
+             f"{'launch':50s} {'GFLOP':>8s} {'MB':>8s} {'G int':>7s} {'us':>8s}  bound"]
     for mode, launches in layer_launches(m, k, n, ranks, p, path).items():
         for launch in launches:
             seconds, what = launch.bound()
-            lines.append(f"{mode[:3]} {launch.name:40s} {launch.flops / 1e9:8.2f} {launch.bytes / 1e6:8.2f} "
+            lines.append(f"{mode[:3]} {launch.name:46s} {launch.flops / 1e9:8.2f} {launch.bytes / 1e6:8.2f} "
                          f"{launch.int_ops / 1e9:7.2f} {seconds * 1e6:8.1f}  {what}")
     return "\n".join(lines)
 
@@ -180,6 +224,19 @@ def main(argv=None) -> int:
                 der = predict(m, k, n, args.ranks, args.dropout, path, rng, derated=True)
                 print(f"{m}x{k}x{n:<8d} {path:8s} {rng:6s} {peak['ratio_forward']:6.3f} {peak['ratio_backward']:6.3f} "
                       f"{peak['ratio_fwd+bwd']:6.3f}            {der['ratio_forward']:6.3f} {der['ratio_fwd+bwd']:6.3f}")
+    print(f"\ndesign choices, p={args.dropout:g} (predicted fwd+bwd time / bare; backward in brackets)")
+    designs = [("now: dS/dB one launch (backend's rule), ranks padded to 16", {}),
+               ("dS/dB one sweep over dy", {"ds_db": "one"}),
+               ("dS/dB two sweeps, one launch", {"ds_db": "two"}),
+               ("before: dS, dB two launches", {"ds_db": "separate"}),
+               ("before: power-of-two rank steps", {"rank_padding": "pow2"})]
+    for m, k, n in shapes:
+        for label, design in designs:
+            cells = []
+            for path in ("unfused", "fused"):
+                peak = predict(m, k, n, args.ranks, args.dropout, path, **design)
+                cells.append(f"{path} {peak['ratio_fwd+bwd']:6.3f} ({peak['backward'] * 1e6:7.1f} us)")
+            print(f"{m}x{k}x{n:<8d} {label:60s} " + "   ".join(cells))
     if args.launches:
         for m, k, n in shapes:
             for path in ("unfused", "fused", "bare"):

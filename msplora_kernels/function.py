@@ -10,9 +10,30 @@ and ``msplora::linear_backward`` (so the graph traces), in eager mode ``_MSPLora
 each branch's A and B as inputs and concatenates them itself: a custom op's dispatch and a differentiable
 ``torch.cat`` cost about as much as the low-rank maths at the sizes of a small model's layers, paid by every
 adapted layer in forward and backward.
+
+The eager path concatenates the adapters (``A_cat``, ``B_cat``, cast to x's dtype) in one launch on the
+Triton backend (``triton_backend.pack_adapters``) and keeps them per layer until its parameters change
+(``_AdapterCache``), so repeated forwards with unchanged adapters skip that work. An entry is valid only
+while every adapter tensor is the same object with the same storage address, version counter, shape,
+strides, dtype and device: in-place changes through PyTorch (``optimizer.step()``, ``load_state_dict``,
+``p.add_()`` under ``torch.no_grad()``) are seen; every ``torch.optim`` step also empties the cache (a
+global step hook, which covers optimizers that write through raw pointers). Writes that bypass version
+counters are not seen: ``p.data.add_()`` (``torch.autograd.gradcheck`` perturbs its inputs so, as do EMA
+and initialisation code), and FSDP, which re-gathers parameters with their version counters preserved.
+Hence ``MSPLORA_ADAPTER_CACHE``: ``auto`` (default) caches only calls that need no gradient (evaluation,
+generation, frozen adapters: many forwards per parameter state, where the saving is largest); ``1`` also
+caches training calls (gradient accumulation, activation checkpointing's recomputation); ``0`` never.
+The cache is off under ``torch.distributed``; ``clear_adapter_cache()`` empties it. Entries are plain
+tensors made inside the autograd Function's forward (never part of a graph), dropped when any of their
+parameters is freed (weak references), and at most ``_AdapterCache.max_entries``.
 """
 from __future__ import annotations
 
+import collections
+import functools
+import os
+import threading
+import weakref
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -22,6 +43,7 @@ from .dispatch import get_backend, resolve_backend
 from .reference import Branch, msplora_linear_ref
 
 _SEED_HIGH = 2**31 - 1  # Philox seeds in Triton are 32-bit
+CACHE_ENV_VAR = "MSPLORA_ADAPTER_CACHE"
 
 
 @torch.library.custom_op("msplora::linear_forward", mutates_args=())
@@ -94,6 +116,7 @@ def _backward(ctx, dy, _ds):
 _linear_forward.register_autograd(_backward, setup_context=_setup_context)
 
 _NO_SEED = torch.zeros((), dtype=torch.int64)
+_call_state = threading.local()
 
 
 def _check_shapes(x: torch.Tensor, weight: torch.Tensor, branches: Sequence[Branch]) -> None:
@@ -150,7 +173,7 @@ def msplora_linear(
                 x.to(dtype),
                 weight.to(dtype),
                 bias.to(dtype) if bias is not None else None,
-                [(a.to(dtype), b.to(dtype), c) for a, b, c in branches],
+                branches,  # every path below casts the adapters to x's dtype (and their gradients back)
                 dropout_p,
                 training,
                 name,
@@ -218,12 +241,18 @@ class _MSPLoraLinearFunction(torch.autograd.Function):
     """Eager autograd for the backend contract; inputs ``(x, W, b, ranks, scalings, p, seed, backend, A_1..A_n,
     B_1..B_n)``. Adapter weights are cast to x's dtype here and their gradients back to theirs."""
 
+    @classmethod
+    def apply(cls, *args):
+        # forward runs with grad mode off: the cache needs to know whether this call will be differentiated
+        _call_state.grad_enabled = torch.is_grad_enabled()
+        return super().apply(*args)
+
     @staticmethod
     def forward(ctx, x, weight, bias, ranks, scalings, p, seed, backend, *adapters):
         n = len(ranks)
         a_list, b_list = adapters[:n], adapters[n:]
-        a_cat = (a_list[0] if n == 1 else torch.cat(a_list)).to(x.dtype)
-        b_cat = (b_list[0] if n == 1 else torch.cat(b_list, dim=1)).to(x.dtype)
+        training_call = getattr(_call_state, "grad_enabled", True) and any(ctx.needs_input_grad)
+        a_cat, b_cat = _adapter_cache.get(a_list, b_list, x.dtype, backend, training_call)
         kept: List[torch.Tensor] = []
         if backend == "torch" and p > 0:  # the PyTorch backend can hand its dropped positions to backward
             y, s = get_backend(backend).forward(x, weight, bias, a_cat, b_cat, ranks, scalings, p, seed,
@@ -241,12 +270,111 @@ class _MSPLoraLinearFunction(torch.autograd.Function):
         ranks, scalings, p, seed, backend, has_bias, a_dtypes, b_dtypes = ctx.meta
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         extra = {"positions": kept[0]} if kept else {}
+        per_branch = backend == "triton" and len(set(a_dtypes)) == 1 and len(set(b_dtypes)) == 1
+        if per_branch:  # each branch's gradient contiguous and in its dtype: autograd copies nothing
+            extra["branch_grads"] = (a_dtypes[0], b_dtypes[0])
         dx, da, db = get_backend(backend).backward(
             dy.contiguous(), x, s, weight, a_cat, b_cat, ranks, scalings, p, seed, need_dx, **extra
         )
         # The base layer is normally frozen; these cover training code that unfreezes it.
         dweight = dy.t() @ x if need_dw else None
         dbias = dy.sum(0) if (need_db and has_bias) else None
-        grads_a = [g.to(t) for g, t in zip(da.split(ranks), a_dtypes)]
-        grads_b = [g.to(t) for g, t in zip(db.split(ranks, dim=1), b_dtypes)]
+        if per_branch:
+            grads_a, grads_b = da, db
+        else:
+            grads_a = [g.to(t) for g, t in zip(da.split(ranks), a_dtypes)]
+            grads_b = [g.to(t) for g, t in zip(db.split(ranks, dim=1), b_dtypes)]
         return (dx if need_dx else None), dweight, dbias, None, None, None, None, None, *grads_a, *grads_b
+
+
+def _concatenate(a_list, b_list, dtype: torch.dtype, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A_cat (R, K) and B_cat (N, R) in ``dtype``: one Triton launch for both on the Triton backend, else
+    ``torch.cat`` and a cast."""
+    if backend == "triton":
+        return get_backend(backend).pack_adapters(a_list, b_list, dtype)
+    n = len(a_list)
+    a_cat = (a_list[0] if n == 1 else torch.cat(a_list)).to(dtype)
+    b_cat = (b_list[0] if n == 1 else torch.cat(b_list, dim=1)).to(dtype)
+    return a_cat, b_cat
+
+
+def _needs_copy(tensors, dtype: torch.dtype) -> bool:
+    return len(tensors) > 1 or tensors[0].dtype != dtype
+
+
+class _AdapterCache:
+    """Per layer (its tuple of adapter tensors): the concatenated, cast adapters, valid while those tensors
+    are unchanged (the module docstring says what that covers). Bounded, least recently used first out."""
+
+    max_entries = 4096  # a 7B model with every projection adapted has 224 layers
+
+    def __init__(self) -> None:
+        self._entries: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+        self._hooked = False
+        self.hits = self.misses = 0
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @staticmethod
+    def enabled(training_call: bool) -> bool:
+        setting = os.environ.get(CACHE_ENV_VAR, "auto")
+        if setting not in ("auto", "0", "1"):
+            raise ValueError(f"${CACHE_ENV_VAR} must be auto, 0 or 1, got {setting!r}")
+        if setting == "0" or (setting == "auto" and training_call):
+            return False
+        return not (torch.distributed.is_available() and torch.distributed.is_initialized())
+
+    @staticmethod
+    def _state(tensors) -> tuple:
+        return tuple((t.data_ptr(), t._version, t.shape, t.stride(), t.dtype, t.device) for t in tensors)
+
+    def get(self, a_list, b_list, dtype: torch.dtype, backend: str,
+            training_call: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        if not (_needs_copy(a_list, dtype) or _needs_copy(b_list, dtype)):
+            return a_list[0], b_list[0]  # the parameters themselves: nothing to cache
+        tensors = (*a_list, *b_list)
+        if not self.enabled(training_call) or any(t.is_inference() for t in tensors):  # (no version counters)
+            return _concatenate(a_list, b_list, dtype, backend)
+        inference = torch.is_inference_mode_enabled()  # tensors made there may only be used there
+        key = (backend, dtype, inference, tuple(id(t) for t in tensors))
+        state = self._state(tensors)
+        entry = self._entries.get(key)
+        if entry is not None and entry[1] == state and all(ref() is t for ref, t in zip(entry[0], tensors)):
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry[2], entry[3]
+        self.misses += 1
+        a_cat, b_cat = _concatenate(a_list, b_list, dtype, backend)
+        self._hook_optimizers()
+        drop = functools.partial(_AdapterCache._forget, weakref.ref(self), key)
+        self._entries[key] = (tuple(weakref.ref(t, drop) for t in tensors), state, a_cat, b_cat)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return a_cat, b_cat
+
+    @staticmethod
+    def _forget(cache_ref, key, _dead) -> None:
+        cache = cache_ref()
+        if cache is not None:
+            cache._entries.pop(key, None)
+
+    def _hook_optimizers(self) -> None:
+        if not self._hooked:
+            from torch.optim.optimizer import register_optimizer_step_post_hook
+
+            register_optimizer_step_post_hook(lambda *_: self.clear())
+            self._hooked = True
+
+
+_adapter_cache = _AdapterCache()
+
+
+def clear_adapter_cache() -> None:
+    """Forget every cached concatenation of adapter weights (needed only after changing adapter weights in a
+    way PyTorch does not track, e.g. ``p.data.add_()`` outside an optimizer step)."""
+    _adapter_cache.clear()

@@ -5,19 +5,29 @@ c_s = scaling_s / (1 - p_eff) with p_eff = round(p * 2^16) / 2^16 the drop proba
 exactly (``effective_p``; |p - p_eff| <= 2^-17, so the estimator is exactly unbiased for p_eff). The c_s
 go to the kernels as scalars: no scaled copy of A is made on the host.
 
-Forward (two launches fused, three unfused; x read twice: by the shrink, for all branches, and the GEMM):
+Forward (two launches fused, three unfused; x read twice: by the shrink, for all branches, and the GEMM;
+the eager path adds one, ``pack_adapters``, unless its adapter cache holds A_cat and B_cat):
 
+    A_cat, B_cat from the branches' A_s, B_s, cast         _pack_adapters_kernel (one launch for both)
     S = [c_1 D_1(x) A_1^T | ... | c_n D_n(x) A_n^T]     _shrink_kernel: one Philox draw per pair of elements
                                                          for all branches, writes the packed mask   (M, R)
     y = x W^T + b + S B^T                                 _matmul_lowrank_kernel (fused), or cuBLAS + the
                                                           same kernel adding S B^T in place (unfused)
 
-Backward, given dy (M, N):
+Backward, given dy (M, N) (four launches fused, five unfused; four where no reduction is split):
 
-    dS = dy B                                             narrow GEMM                      (M, R)
-    dB = dy^T S                                           narrow GEMM split over M         (N, R)
+    dS = dy B, dB = dy^T S                                _lowrank_grad_sb_kernel: one sweep over dy for
+                                                          narrow ranks, dB as partial sums per row tile
     dx = dy W + sum_s c_s keep_s ⊙ (dS_s A_s)             GEMM epilogue reading the packed mask
     dA_s = c_s dS_s^T D_s(x)                              _lowrank_grad_a_kernel reading the packed mask
+    dA, dB = the sums of their partials                   _sum_partials_kernel (one launch for both)
+
+With ``branch_grads`` (the eager path) dA_s and dB_s come out as separate contiguous tensors in the
+adapters' dtype (dB's partials are laid out branch by branch), so autograd adopts them as they are.
+
+Rank padding: where the rank is a reduction (the epilogues' S B^T and per-branch dS_s A_s) loops step in
+chunks that pad each range to a multiple of 16 only (``tuning.rank_step``); where it is an output dimension
+(S, dS, dB, dA) the tile is a power of two (``tl.arange``), so that x or dy is read once for all ranks.
 
 Dropout RNG per training step: one Philox pass over x (the shrink's); dx and dA read the packed mask
 (0.5 byte per element of x: bit s of a nibble is keep_s, layout in ``_triton/kernels.py``).
@@ -32,9 +42,9 @@ drawing the same bits again with Philox in each backward kernel: the masks are a
 so results are identical, only slower. Saved for backward: x, S and its packed mask (at most PEFT LoRA's
 x plus M x R plus 0.5 byte per element).
 
-Reductions over M (dB, dA) are cut into a fixed number of slices written to an fp32 buffer and summed by
-``torch.sum``: no atomics anywhere, so gradients are bit-identical run to run (whether or not
-``torch.are_deterministic_algorithms_enabled()``).
+Reductions over M (dB, dA) are cut into a fixed number of row tiles or slices written to an fp32 buffer
+and summed in a fixed order by ``_sum_partials_kernel``: no atomics anywhere, so gradients are
+bit-identical run to run (whether or not ``torch.are_deterministic_algorithms_enabled()``).
 
 Paths: ``unfused`` runs x W^T + b and dy W with ``torch`` (cuBLAS) and adds the low-rank terms with our
 kernels in accumulate mode (y += S B^T, dx += sum_s c_s keep_s ⊙ (dS_s A_s)), one more read and write of y
@@ -268,9 +278,9 @@ def _launch_matmul(
     if scaled is not None:
         ranks, coefs = scaled
         bounds = _rank_bounds(tuple(ranks), out.device)
-        widest = max(ranks) if masked is not None else rank
+        stepped = list(ranks) if masked is not None else [rank]  # masked: one loop per branch
     else:
-        bounds, coefs, widest, ranks = out, [0.0] * MAX_BRANCHES, rank, ()
+        bounds, coefs, stepped, ranks = out, [0.0] * MAX_BRANCHES, [rank], ()
     seed, threshold, mask = masked if masked is not None else (0, 0, None)
     stride_cs = out.stride(0) if out.dim() == 3 else 0
     stride_cm, stride_cn = out.stride()[-2:]
@@ -289,7 +299,7 @@ def _launch_matmul(
             MASK_SOURCE=0 if masked is None else (2 if mask is not None else 1),
             ACCUMULATE=accumulate, SPLIT_K=splits,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            BLOCK_R=tuning.rank_block(widest, config.max_block_r),
+            BLOCK_R=tuning.rank_step(stepped, config.max_block_r),
             GROUP_M=config.group_m,
             DOT_PRECISION=_dot_precision(operand.dtype), ACC_DTYPE=_acc_constexpr(operand.dtype),
             num_warps=config.num_warps, num_stages=config.num_stages,
@@ -306,19 +316,63 @@ def linear(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     return out
 
 
-def _reduce_over_rows(
-    p: torch.Tensor, q: torch.Tensor, out_dtype: torch.dtype, config: tuning.MatmulConfig
-) -> torch.Tensor:
-    """p q for a long inner dimension (rows of x): fp32 partial sums over slices, added by ``torch.sum``
-    (one slice: written in ``out_dtype`` directly)."""
-    splits = tuning.reduction_splits(p.shape[1], p.device)
-    if splits == 1:
-        out = torch.empty((p.shape[0], q.shape[1]), device=p.device, dtype=out_dtype)
-        _launch_matmul(out, p, q, config)
-        return out
-    partial = torch.empty((splits, p.shape[0], q.shape[1]), device=p.device, dtype=_accumulator(p.dtype))
-    _launch_matmul(partial, p, q, config, splits=splits)
-    return partial.sum(0).to(out_dtype)
+def _grad_s_b(dy: torch.Tensor, b_cat: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype,
+              bounds: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """dS = dy B and dB's partial sums dy^T S, one per row tile or slice, in one launch (one sweep over dy for
+    narrow ranks): (dS, partials (pieces, N, R) in fp32, or (1, N, R) in ``out_dtype`` when one piece is the
+    result). ``bounds``: each partial holds every branch's dB_s as a contiguous block, (pieces, N * R)."""
+    m, n = dy.shape
+    rank = b_cat.shape[1]
+    config, block_r, one_pass = tuning.grad_sb_config(dy.device, dy.dtype, rank)
+    row_tiles = triton.cdiv(m, config.block_m)
+    if one_pass:
+        pieces, rows_per_slice, programs = row_tiles, config.block_m, row_tiles
+    else:
+        pieces = tuning.reduction_splits(m, dy.device)
+        rows_per_slice = triton.cdiv(triton.cdiv(m, pieces), config.block_m) * config.block_m
+        pieces = triton.cdiv(m, rows_per_slice)
+        programs = row_tiles + pieces * triton.cdiv(n, config.block_n)
+    ds = torch.empty((m, rank), device=dy.device, dtype=dy.dtype)
+    shape = (pieces, n * rank) if bounds is not None else (pieces, n, rank)
+    partial = torch.empty(shape, device=dy.device, dtype=out_dtype if pieces == 1 else _accumulator(dy.dtype))
+    strides = (partial.stride(0), 0, 0) if bounds is not None else partial.stride()
+    with _on(dy.device):
+        kernels._lowrank_grad_sb_kernel[(programs, triton.cdiv(rank, block_r))](
+            dy, b_cat, s, ds, partial, bounds if bounds is not None else ds, m, n, rank, row_tiles, rows_per_slice,
+            *dy.stride(), *b_cat.stride(), *s.stride(), *ds.stride(), *strides,
+            BLOCKED_G=bounds is not None, ONE_PASS=one_pass,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=block_r,
+            DOT_PRECISION=_dot_precision(dy.dtype), ACC_DTYPE=_acc_constexpr(dy.dtype),
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+    return ds, partial
+
+
+_SUM_BLOCK = 1024
+
+
+def _sum_partials(*reductions: Tuple[torch.Tensor, torch.dtype]) -> List[torch.Tensor]:
+    """Each (partials (pieces, ...), dtype) summed over its pieces, in ``dtype``; a single piece is already the
+    result (its kernel wrote it in ``dtype``). All reductions with several pieces (at most two) are summed by
+    one launch, in a fixed order (deterministic)."""
+    results, pending = [], []
+    for partial, dtype in reductions:
+        if partial.shape[0] == 1:
+            results.append(partial[0])
+        else:
+            results.append(torch.empty(partial.shape[1:], device=partial.device, dtype=dtype))
+            pending.append((partial, results[-1]))
+    if len(pending) > 2:
+        raise ValueError("at most two reductions per launch")
+    if pending:
+        (pa, a_out), (pb, b_out) = pending[0], pending[1] if len(pending) == 2 else (pending[0][0], pending[0][1][:0])
+        programs = triton.cdiv(a_out.numel(), _SUM_BLOCK) + triton.cdiv(b_out.numel(), _SUM_BLOCK)
+        with _on(pa.device):
+            kernels._sum_partials_kernel[(programs,)](
+                pa, a_out, a_out.numel(), pa.shape[0], pb, b_out, b_out.numel(), pb.shape[0], BLOCK=_SUM_BLOCK,
+                num_warps=4,
+            )
+    return results
 
 
 def _rank_tiles(total_rank: int, config: tuning.LowRankConfig) -> Tuple[int, int]:
@@ -352,15 +406,16 @@ def _shrink(
 
 def _grad_a(
     ds: torch.Tensor, x: torch.Tensor, ranks: Sequence[int], coefs: Sequence[float], threshold: int, seed: int,
-    mask: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor], final_dtype: torch.dtype,
 ) -> torch.Tensor:
     m, k = x.shape
     total_rank = ds.shape[1]
     config = tuning.low_rank_config(x.device, x.dtype, masked=threshold > 0)
     block_r, rank_tiles = _rank_tiles(total_rank, config)
     splits = tuning.reduction_splits(m, x.device)
-    out_dtype = x.dtype if splits == 1 else _accumulator(x.dtype)
+    out_dtype = final_dtype if splits == 1 else _accumulator(x.dtype)
     partial = torch.empty((splits, total_rank, k), device=x.device, dtype=out_dtype)
+    config = tuning.grad_a_config(config, block_r, (*ds.stride(), *x.stride(), *partial.stride()[1:]))
     grid = (rank_tiles, triton.cdiv(k, config.block_k), splits)
     with _on(x.device):
         kernels._lowrank_grad_a_kernel[grid](
@@ -373,7 +428,7 @@ def _grad_a(
             DOT_PRECISION=_dot_precision(x.dtype), ACC_DTYPE=_acc_constexpr(x.dtype),
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
-    return partial[0] if splits == 1 else partial.sum(0).to(x.dtype)
+    return partial  # (splits, R, K): the launcher sums them with dB's
 
 
 def forward(
@@ -428,23 +483,27 @@ def backward(
     p: float,
     seed: int,
     need_dx: bool,
-) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    branch_grads: Optional[Tuple[torch.dtype, torch.dtype]] = None,
+):
+    """(dx or None, dA_cat, dB_cat); ``branch_grads`` = (dtype of A's, dtype of B's): dA and dB as lists of
+    each branch's gradient instead, contiguous and in those dtypes (written so by the kernels: no split
+    views for autograd to copy, no casts)."""
     _check_tensors(dy=dy, x=x, s=s, weight=weight, a_cat=a_cat, b_cat=b_cat)
     _check_branches(ranks)
     m, k = x.shape
     n = b_cat.shape[0]
+    a_dtype, b_dtype = branch_grads if branch_grads is not None else (a_cat.dtype, b_cat.dtype)
     if m == 0:
         dx = x.new_empty((0, k)) if need_dx else None
-        return dx, torch.zeros_like(a_cat), torch.zeros_like(b_cat)
+        da, db = torch.zeros_like(a_cat, dtype=a_dtype), torch.zeros_like(b_cat, dtype=b_dtype)
+        if branch_grads is not None:
+            return dx, list(da.split(list(ranks))), [t.contiguous() for t in db.split(list(ranks), dim=1)]
+        return dx, da, db
     coefs = _branch_coefficients(scalings, p)
     threshold = _threshold(p)
     mask = _saved_mask(s, k, seed, threshold, len(ranks)) if threshold > 0 else None
-    width = a_cat.shape[0]
-    narrow = tuning.narrow_matmul_config(x.device, x.dtype, width)
-
-    ds = torch.empty((m, width), device=x.device, dtype=x.dtype)
-    _launch_matmul(ds, dy, b_cat, narrow)
-    db = _reduce_over_rows(dy.t(), s, b_cat.dtype, narrow)
+    blocked = _rank_bounds(tuple(ranks), x.device) if branch_grads is not None else None
+    ds, db_partial = _grad_s_b(dy, b_cat, s, b_dtype, blocked)
 
     dx = None
     if need_dx:
@@ -463,8 +522,12 @@ def backward(
             dx = dy @ weight
             _launch_matmul(dx, None, None, tuning.epilogue_only_config(x.device, x.dtype), low_rank=low_rank,
                            scaled=scaled, masked=masked, accumulate=True)
-    da = _grad_a(ds, x, ranks, coefs, threshold, seed, mask)
-    return dx, da, db
+    da, db = _sum_partials((_grad_a(ds, x, ranks, coefs, threshold, seed, mask, a_dtype), a_dtype),
+                           (db_partial, b_dtype))
+    if branch_grads is None:
+        return dx, da, db
+    bounds = [0] + [sum(ranks[: i + 1]) for i in range(len(ranks))]
+    return dx, list(da.split(list(ranks))), [db[n * lo: n * hi].view(n, hi - lo) for lo, hi in zip(bounds, bounds[1:])]
 
 
 def dropout_masks(seed: int, n_branches: int, m: int, k: int, p: float, device: torch.device) -> torch.Tensor:
@@ -489,3 +552,35 @@ def dropout_masks(seed: int, n_branches: int, m: int, k: int, p: float, device: 
 def packed_mask_of(s: torch.Tensor, k: int, p: float, seed: int, n_branches: int) -> Optional[torch.Tensor]:
     """The packed mask (M, ceil(K/2)) uint8 saved with ``s`` by ``forward``, or None (for tests)."""
     return _saved_mask(s, k, seed, _threshold(p), n_branches)
+
+
+_PACK_BLOCK, _PACK_WARPS = 512, 4  # 1024 elements per program spill registers on sm_90 (compile_check)
+
+
+def pack_adapters(a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tensor],
+                  dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A_cat = [A_1; ...; A_n] (R, K) and B_cat = [B_1 | ... | B_n] (N, R), contiguous, in ``dtype``: one
+    launch for both (``torch.cat`` of each and a cast would be up to four)."""
+    n = len(a_list)
+    if not 1 <= n <= MAX_BRANCHES or len(b_list) != n:
+        raise ValueError(f"triton backend: expected 1 to {MAX_BRANCHES} A and as many B, got {n} and {len(b_list)}")
+    device, k, rows = a_list[0].device, a_list[0].shape[1], b_list[0].shape[0]
+    _check_device(device)
+    ranks = [a.shape[0] for a in a_list]
+    bounds = [sum(ranks[: i + 1]) for i in range(n)]
+    total = bounds[-1]
+    bounds += [total] * (MAX_BRANCHES - n)
+    a_cat = torch.empty((total, k), device=device, dtype=dtype)
+    b_cat = torch.empty((rows, total), device=device, dtype=dtype)
+    elements = max(a_cat.numel(), b_cat.numel())
+    if elements == 0:
+        return a_cat, b_cat
+    a_ptrs = list(a_list) + [a_cat] * (MAX_BRANCHES - n)
+    b_ptrs = list(b_list) + [b_cat] * (MAX_BRANCHES - n)
+    with _on(device):
+        kernels._pack_adapters_kernel[(triton.cdiv(elements, _PACK_BLOCK),)](
+            *a_ptrs, *b_ptrs, a_cat, b_cat, k, rows, total, *bounds[:3],
+            *[s for a in a_ptrs for s in a.stride()], *[s for b in b_ptrs for s in b.stride()],
+            BRANCHES=n, BLOCK=_PACK_BLOCK, num_warps=_PACK_WARPS,
+        )
+    return a_cat, b_cat

@@ -412,3 +412,59 @@ def test_every_launch_compiles_for_hopper_without_spills():
              for line in result.stdout.splitlines() if line.startswith("dropout ")}
     assert costs["draw"] == pytest.approx(roofline.RNG_DRAW_PER_ELEMENT, rel=0.15)
     assert costs["read"] == pytest.approx(roofline.RNG_READ_PER_ELEMENT, rel=0.15)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("ranks", [(8, 4, 2), (16, 0, 3), (40, 3, 0)])
+def test_per_branch_gradients_are_contiguous_in_the_adapters_dtype(ranks, p):
+    """``branch_grads`` (the eager path's request): each branch's dA_s and dB_s written as its own contiguous
+    tensor in the adapters' dtype (fp32 adapters, fp16 activations), so autograd neither copies nor casts;
+    values by the error-ratio rule (judged in fp16, the activations' dtype). (8,4,2): one sweep over dy,
+    (16,0,3) and (40,3,0): two sweeps, the latter over two rank tiles; 37 rows: summed partials."""
+    x, weight, b, branches = make_problem(M, K, N, ranks)
+    dy = torch.randn(M, N, dtype=torch.float64)
+    dtype, seed = torch.float16, 21
+    a_cat, b_cat, rank_list, scalings = packed(branches, dtype)
+    _, s = triton_backend.forward(to(x, dtype), to(weight, dtype), to(b, dtype), a_cat, b_cat, rank_list,
+                                  scalings, p, seed)
+    dx, da, db = triton_backend.backward(to(dy, dtype), to(x, dtype), s, to(weight, dtype), a_cat, b_cat,
+                                         rank_list, scalings, p, seed, True, branch_grads=(torch.float32,) * 2)
+    assert [t.shape for t in da] == [a.shape for a, _, _ in branches]
+    assert [t.shape for t in db] == [bb.shape for _, bb, _ in branches]
+    assert all(t.dtype == torch.float32 and t.is_contiguous() for t in da + db)
+    masks = triton_backend.dropout_masks(seed, len(branches), M, K, p, DEVICE) if p else None
+    _, grads64 = reference_outputs(x, weight, b, branches, dy, p, masks)
+    _, grads_pt = reference_outputs(x, weight, b, branches, dy, p, masks, dtype=dtype)
+    grads = (dx, torch.cat(da).to(dtype), torch.cat(db, dim=1).to(dtype))
+    assert_every_gradient(grads, grads_pt, grads64, ranks)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ranks", RANKS + [(64, 32, 16)])
+def test_whole_layer_call_matches_the_reference(ranks, dtype, p):
+    """``msplora_linear`` end to end on the Triton backend (the eager Function: adapters packed in one launch
+    from fp32 parameters, per-branch gradients in fp32), forward and every gradient, by the error-ratio rule
+    in the activations' dtype. 64/32/16 (R = 112) loops over seven 16-wide rank steps unmasked and
+    64 + 32 + 16 columns masked; it takes the two-sweep dS/dB under the interpreter, 8/4/2 one sweep."""
+    x, weight, b, branches = make_problem(M, K, N, ranks)
+    dy = torch.randn(M, N, dtype=torch.float64)
+    xt = to(x, dtype).requires_grad_()
+    params = [(to(a, torch.float32).requires_grad_(), to(bb, torch.float32).requires_grad_(), c)
+              for a, bb, c in branches]
+    torch.manual_seed(5)
+    seed = int(torch.randint(2**31 - 1, (), dtype=torch.int64))  # the seed msplora_linear draws
+    torch.manual_seed(5)
+    y = msplora_linear(xt, to(weight, dtype), to(b, dtype), params, p, True, "triton")
+    y.backward(to(dy, dtype))
+    masks = triton_backend.dropout_masks(seed, len(branches), M, K, p, DEVICE) if p else None
+    # The reference sees the adapters rounded to the activations' dtype, as the kernels do.
+    rounded = [(a.to(dtype).double(), bb.to(dtype).double(), c) for a, bb, c in branches]
+    y64, grads64 = reference_outputs(x, weight, b, rounded, dy, p, masks)
+    y_pt, grads_pt = reference_outputs(x, weight, b, rounded, dy, p, masks, dtype=dtype)
+    assert y.dtype == dtype and all(t.grad.dtype == torch.float32 and t.grad.is_contiguous()
+                                    for a, bb, _ in params for t in (a, bb))
+    assert_error_ratio(y, y_pt, y64, "y")
+    grads = (xt.grad, torch.cat([a.grad for a, _, _ in params]).to(dtype),
+             torch.cat([bb.grad for _, bb, _ in params], dim=1).to(dtype))
+    assert_every_gradient(grads, grads_pt, grads64, ranks)

@@ -43,7 +43,8 @@ from triton.runtime.jit import create_function_from_signature
 from .. import dispatch, triton_backend
 from . import kernels, kernels_tma, tuning
 
-_KERNELS = ["_matmul_lowrank_kernel", "_shrink_kernel", "_lowrank_grad_a_kernel", "_dropout_mask_kernel"]
+_KERNELS = ["_matmul_lowrank_kernel", "_shrink_kernel", "_lowrank_grad_a_kernel", "_lowrank_grad_sb_kernel",
+            "_pack_adapters_kernel", "_sum_partials_kernel", "_dropout_mask_kernel"]
 _TMA_KERNELS = ["_matmul_lowrank_tma_kernel"]  # in kernels_tma: the forward's third path (fused_tma)
 _MODULE_OF = {**{name: kernels for name in _KERNELS}, **{name: kernels_tma for name in _TMA_KERNELS}}
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
@@ -106,8 +107,8 @@ def _recording(arch: int) -> Iterator[Tuple[List[Tuple], List[str]]]:
 
 def record_backend_calls(dtype: torch.dtype, ranks: Tuple[int, ...], shapes: Sequence[Tuple[int, int, int]],
                          label: List[str]) -> None:
-    """Run forward/backward (both paths, p = 0 and 0.05, saved mask found and redrawn), ``linear`` and
-    ``dropout_masks`` on meta tensors of each shape."""
+    """Run forward/backward (both paths, p = 0 and 0.05, saved mask found and redrawn), ``linear``,
+    ``dropout_masks`` and ``pack_adapters`` on meta tensors of each shape."""
     meta = torch.device("meta")
     r = sum(ranks)
     scalings = [1.0] * len(ranks)
@@ -121,11 +122,18 @@ def record_backend_calls(dtype: torch.dtype, ranks: Tuple[int, ...], shapes: Seq
                 with triton_backend.forced_path(path):
                     y, s = triton_backend.forward(x, weight, bias, a_cat, b_cat, list(ranks), scalings, p, 7)
                     triton_backend.backward(y, x, s, weight, a_cat, b_cat, list(ranks), scalings, p, 7, True)
+                    # The eager path: each branch's gradient in the (fp32) adapters' dtype.
+                    triton_backend.backward(y, x, s, weight, a_cat, b_cat, list(ranks), scalings, p, 7, True,
+                                            branch_grads=(torch.float32, torch.float32))
                     if p > 0:  # S without its stored mask: the backward kernels draw it again
                         triton_backend.backward(y, x, torch.empty_like(s), weight, a_cat, b_cat, list(ranks),
                                                 scalings, p, 7, True)
         triton_backend.linear(x, weight, bias)
         triton_backend.dropout_masks(7, len(ranks), m, k, 0.05, meta)
+        # The eager path packs the adapters (as trained: fp32, and already in the activations' dtype).
+        for source in {torch.float32, dtype}:
+            triton_backend.pack_adapters([torch.empty(rank, k, dtype=source, device=meta) for rank in ranks],
+                                         [torch.empty(n, rank, dtype=source, device=meta) for rank in ranks], dtype)
 
 
 def _specialise(fn, backend, args, meta) -> Tuple[Dict[str, str], Dict[tuple, object], Dict[tuple, list], dict]:

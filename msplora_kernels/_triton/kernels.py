@@ -31,27 +31,36 @@ SM per clock; predictions, no GPU has measured) at M=8192, K=4096, bf16, ranks 8
 bare cuBLAS (x W^T forward, dy W backward):
 
     N       path      fwd     fwd+bwd   (fwd+bwd with the masks drawn in all three kernels)
-    4096    unfused   1.348   1.338     1.474
-    4096    fused     1.251   1.239     1.308
-    11008   unfused   1.193   1.190     1.241
-    11008   fused     1.096   1.122     1.148
+    4096    unfused   1.349   1.317     1.454
+    4096    fused     1.252   1.218     1.287
+    11008   unfused   1.193   1.169     1.220
+    11008   fused     1.096   1.102     1.127
 
-(p = 0: fwd+bwd 1.205 / 1.107 at N=4096, 1.140 / 1.073 at N=11008.) The 1.12x target is not met: at N=4096
-the shrink is integer-bound (69 us of RNG against 17 us of memory traffic for x), and the unfused path's
-extra passes (y += S B^T, dS and dB reading dy separately, the dx epilogue's read and write of dx) cost
-another ~100 us against the bare layer's 556 us. What would close it: drawing work proportional to p (a
-complement-sparse draw, issue 11 design 1) and one pass over dy for dS and dB.
+(p = 0: fwd+bwd 1.184 / 1.087 at N=4096, 1.119 / 1.053 at N=11008; before dS and dB shared one sweep over
+dy: 1.338 / 1.239 and 1.190 / 1.122 at p=0.05, 1.205 / 1.107 and 1.140 / 1.073 at p=0.) The 1.12x target
+is not met at N=4096: the shrink is integer-bound (69 us of RNG against 17 us of memory traffic for x), and
+the unfused path's extra passes (y += S B^T, the dx epilogue's read and write of dx) cost another ~60 us
+against the bare layer's 556 us. What would close it: drawing work proportional to p (a complement-sparse
+draw, issue 11 design 1).
 
 Kernels (all accumulate in fp32, fp64 for fp64 inputs, and store in the output's dtype):
 
     _matmul_lowrank_kernel   C (+)= P Q + bias + low-rank term                        (one write of C)
         forward:  P = x,  Q = W^T,  L = S,  U = B^T, unmasked, unscaled            ->  y
         dx:       P = dy, Q = W,    L = dS, U = A,   sum_s c_s keep_s ⊙ (dS_s A_s)  ->  dx
-        plain:    dS = dy B,  dB = dy^T S (split over M),  x W^T (``linear``),  y += S B^T (unfused)
+        plain:    x W^T (``linear``),  y += S B^T (unfused)
     _shrink_kernel           S[:, s] = c_s (keep_s ⊙ x) A_s^T, and the packed mask    (M, R), (M, K/2)
+    _lowrank_grad_sb_kernel  dS = dy B and dB's partials dy_j^T S_j, one sweep over dy (M, R), (pieces, N, R)
     _lowrank_grad_a_kernel   G[j, s] = c_s dS_s^T (keep_s ⊙ x) over the rows of slice j (splits, R, K)
-                             (the launcher sums the slices: dA_s = c_s dS_s^T D_s(x))
+    _sum_partials_kernel     dA = sum_j G[j], dB = sum_j G'[j], one launch, fixed order
+    _pack_adapters_kernel    A_cat, B_cat from the branches' A_s, B_s, cast           (R, K), (N, R)
     _dropout_mask_kernel     keep[s, m, k]                                            (n, M, K)
+
+Rank padding: the epilogues loop over ranks in steps of ``tuning.rank_step`` (each range padded to a
+multiple of 16: R = 112 is seven steps of 16, the masked dx's 64/32/16 is 112 columns, not 3 x 64; 8/4/2
+stays 3 x 16, one tensor-core product per branch mask); kernels whose output is the rank (shrink, dS/dB,
+dA) use one power-of-two tile, so that they read x or dy once (memory-bound: the padded columns cost
+tensor-core time they have to spare, ``benchmarks.roofline``).
 
 Row offsets are 64-bit, so M*K or M*N beyond 2^31 elements are addressed correctly. ``seed`` and the
 threshold are never specialised by the launcher (``do_not_specialize``): a seed divisible by 16 must not
@@ -363,3 +372,185 @@ def _dropout_mask_kernel(
     for branch in tl.static_range(BRANCHES):
         offsets = branch * M * K + rm[:, None] * K + rk[None, :]
         tl.store(keep_ptr + offsets, ((bits >> branch) & 1).to(tl.int8), mask=inside)
+
+
+@triton.jit
+def _gather_rows(ptr, rows, cols, first, last, stride_r, stride_c, inside):
+    """Entries (rows - first, cols) of one branch's matrix where ``first <= rows < last``, else 0."""
+    mine = inside & (rows >= first) & (rows < last)
+    return tl.load(ptr + (rows - first).to(tl.int64) * stride_r + cols.to(tl.int64) * stride_c, mask=mine, other=0.0)
+
+
+@triton.jit
+def _pack_adapters_kernel(
+    a0_ptr, a1_ptr, a2_ptr, a3_ptr, b0_ptr, b1_ptr, b2_ptr, b3_ptr, a_out_ptr, b_out_ptr,
+    K, N, R, r1, r2, r3,
+    s_a0r, s_a0k, s_a1r, s_a1k, s_a2r, s_a2k, s_a3r, s_a3k,
+    s_b0n, s_b0r, s_b1n, s_b1r, s_b2n, s_b2r, s_b3n, s_b3r,
+    BRANCHES: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """A_cat = [A_0; ...; A_n] (R, K) and B_cat = [B_0 | ... | B_n] (N, R), both contiguous, in the outputs'
+    dtype, in one launch (branch s owns rank columns r_s..r_{s+1}; r0 = 0, r4 = R). Program i copies
+    elements i*BLOCK.. of A_cat and the same of B_cat (flat, row-major). Flat indices are 32-bit (adapters
+    have far fewer than 2^31 elements; a 64-bit division would need a stack frame), addresses 64-bit."""
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    in_a = offsets < R * K
+    a_rows, a_cols = offsets // K, offsets % K
+    a = _gather_rows(a0_ptr, a_rows, a_cols, 0, r1, s_a0r, s_a0k, in_a)
+    b_rows, b_cols = offsets % R, offsets // R  # B_s^T's rows are B's rank columns
+    in_b = offsets < N * R
+    b = _gather_rows(b0_ptr, b_rows, b_cols, 0, r1, s_b0r, s_b0n, in_b)
+    if BRANCHES > 1:
+        a += _gather_rows(a1_ptr, a_rows, a_cols, r1, r2, s_a1r, s_a1k, in_a)
+        b += _gather_rows(b1_ptr, b_rows, b_cols, r1, r2, s_b1r, s_b1n, in_b)
+    if BRANCHES > 2:
+        a += _gather_rows(a2_ptr, a_rows, a_cols, r2, r3, s_a2r, s_a2k, in_a)
+        b += _gather_rows(b2_ptr, b_rows, b_cols, r2, r3, s_b2r, s_b2n, in_b)
+    if BRANCHES > 3:
+        a += _gather_rows(a3_ptr, a_rows, a_cols, r3, R, s_a3r, s_a3k, in_a)
+        b += _gather_rows(b3_ptr, b_rows, b_cols, r3, R, s_b3r, s_b3n, in_b)
+    tl.store(a_out_ptr + offsets, a.to(a_out_ptr.dtype.element_ty), mask=in_a)
+    tl.store(b_out_ptr + offsets, b.to(b_out_ptr.dtype.element_ty), mask=in_b)
+
+
+@triton.jit
+def _g_offsets(bounds_ptr, rr, rn, N, stride_gn, stride_gr, BLOCKED_G: tl.constexpr):
+    """Offsets of dB[rn, rr] in one partial: (N, R) with strides, or BLOCKED_G: branch s's columns stored as
+    their own contiguous (N, r_s) matrix from N * bounds[s] on (each branch's gradient a contiguous view)."""
+    if BLOCKED_G:
+        b1 = tl.load(bounds_ptr + 1)
+        b2 = tl.load(bounds_ptr + 2)
+        b3 = tl.load(bounds_ptr + 3)
+        b4 = tl.load(bounds_ptr + 4)
+        first = tl.where(rr < b1, 0, tl.where(rr < b2, b1, tl.where(rr < b3, b2, b3))).to(tl.int64)
+        last = tl.where(rr < b1, b1, tl.where(rr < b2, b2, tl.where(rr < b3, b3, b4))).to(tl.int64)
+        return rn.to(tl.int64)[:, None] * (last - first)[None, :] + (first * N + rr - first)[None, :]
+    return rn.to(tl.int64)[:, None] * stride_gn + rr[None, :] * stride_gr
+
+
+@triton.jit
+def _grad_s_rows(dy_ptr, b_ptr, s_ptr, ds_ptr, g_ptr, bounds_ptr, tile, rr, M, N, R,
+                 stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dsm, stride_dsr,
+                 stride_gs, stride_gn, stride_gr, BLOCKED_G: tl.constexpr,
+                 ONE_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """dS[rows of ``tile``, rr] = dy B, sweeping all N; ONE_PASS: also G[tile] = dy[rows]^T S[rows]."""
+    in_rank = rr < R
+    rm = tile.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    if ONE_PASS:  # rows past M are zero here, so the wrapped rows of dy below add nothing to dB
+        s_tile = tl.load(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
+                         mask=(rm < M)[:, None] & in_rank[None, :], other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
+    # dy is read at wrapped indices past its edges (no load mask: the loop stays pipelined): B's rows past
+    # N are zero, so they add nothing to dS, and dS rows past M and dB rows past N are never stored.
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + rn
+        dy_tile = tl.load(dy_ptr + (rm % M)[:, None] * stride_dym + (cols % N).to(tl.int64)[None, :] * stride_dyn)
+        b_tile = tl.load(b_ptr + cols.to(tl.int64)[:, None] * stride_bn + rr[None, :] * stride_br,
+                         mask=(cols < N)[:, None] & in_rank[None, :], other=0.0)
+        acc = tl.dot(dy_tile, b_tile, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        if ONE_PASS:
+            part = tl.dot(tl.trans(dy_tile), s_tile, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            tl.store(g_ptr + tile.to(tl.int64) * stride_gs
+                     + _g_offsets(bounds_ptr, rr, cols, N, stride_gn, stride_gr, BLOCKED_G),
+                     part.to(g_ptr.dtype.element_ty), mask=(cols < N)[:, None] & in_rank[None, :])
+    tl.store(ds_ptr + rm[:, None] * stride_dsm + rr[None, :] * stride_dsr, acc.to(ds_ptr.dtype.element_ty),
+             mask=(rm < M)[:, None] & in_rank[None, :])
+
+
+@triton.jit
+def _grad_b_slice(dy_ptr, s_ptr, g_ptr, bounds_ptr, q, rr, M, N, R, rows_per_slice,
+                  stride_dym, stride_dyn, stride_sm, stride_sr, stride_gs, stride_gn, stride_gr,
+                  BLOCKED_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """G[slice, n-tile, rr] = dy[rows of the slice, n-tile]^T S[rows of the slice, rr]
+    (q = slice * n_tiles + n-tile)."""
+    in_rank = rr < R
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    piece = q // n_tiles
+    rn = (q % n_tiles).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_M)
+    m_start = piece * rows_per_slice
+    m_end = tl.minimum(M, m_start + rows_per_slice)
+    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC_DTYPE)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        rm = (m0 + rows).to(tl.int64)
+        inside = rm < m_end
+        dy_tile = tl.load(dy_ptr + rm[:, None] * stride_dym + (rn % N)[None, :] * stride_dyn,
+                          mask=inside[:, None], other=0.0)
+        s_tile = tl.load(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
+                         mask=inside[:, None] & in_rank[None, :], other=0.0)
+        acc = tl.dot(tl.trans(dy_tile), s_tile, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    tl.store(g_ptr + piece.to(tl.int64) * stride_gs
+             + _g_offsets(bounds_ptr, rr, rn, N, stride_gn, stride_gr, BLOCKED_G),
+             acc.to(g_ptr.dtype.element_ty), mask=(rn < N)[:, None] & in_rank[None, :])
+
+
+@triton.jit(do_not_specialize=["rows_per_slice"])
+def _lowrank_grad_sb_kernel(
+    dy_ptr, b_ptr, s_ptr, ds_ptr, g_ptr, bounds_ptr,
+    M, N, R, ds_programs, rows_per_slice,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dsm, stride_dsr,
+    stride_gs, stride_gn, stride_gr,
+    BLOCKED_G: tl.constexpr, ONE_PASS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """dS = dy B (M, R) and dB = dy^T S as partial sums G[j] (N, R) in one launch; axis 1: the rank tile
+    (R_t = BLOCK_R x rank tiles columns computed, R of them stored).
+
+    ONE_PASS: program i owns rows i*BLOCK_M.. and sweeps all of N once; per BLOCK_N step it adds
+    dy_tile B_tile to its dS tile and stores dy_tile^T S_tile as G[i] (the launcher sums the G[i] with
+    ``torch.sum``: deterministic, no atomics). dy is read once. FLOPs: 2 M N R_t each for dS and dB;
+    HBM bytes (16-bit dy, S, dS): 2 M N (dy) + 2 M R (S) + 2 M R (dS) + 2 N R per row tile (B, mostly
+    from L2) + 8 N R x M / BLOCK_M (fp32 partials written, then read by the sum).
+    Otherwise (wide ranks, where those partials would cost more than reading dy twice) programs below
+    ``ds_programs`` compute dS row tiles and the others dB over slices of ``rows_per_slice`` rows (program
+    ds_programs + slice * n_tiles + n_tile): still one launch; bytes 4 M N + 6 M R + 8 N R x slices.
+    BLOCKED_G: G[j] holds each branch's dB_s as a contiguous (N, r_s) block (``_g_offsets``).
+    """
+    pid = tl.program_id(0)
+    rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    if ONE_PASS:
+        _grad_s_rows(dy_ptr, b_ptr, s_ptr, ds_ptr, g_ptr, bounds_ptr, pid, rr, M, N, R,
+                     stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dsm, stride_dsr,
+                     stride_gs, stride_gn, stride_gr, BLOCKED_G, True, BLOCK_M, BLOCK_N, BLOCK_R,
+                     DOT_PRECISION, ACC_DTYPE)
+    else:
+        if pid < ds_programs:
+            _grad_s_rows(dy_ptr, b_ptr, s_ptr, ds_ptr, g_ptr, bounds_ptr, pid, rr, M, N, R,
+                         stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dsm,
+                         stride_dsr, stride_gs, stride_gn, stride_gr, BLOCKED_G, False, BLOCK_M, BLOCK_N, BLOCK_R,
+                         DOT_PRECISION, ACC_DTYPE)
+        else:
+            _grad_b_slice(dy_ptr, s_ptr, g_ptr, bounds_ptr, pid - ds_programs, rr, M, N, R, rows_per_slice,
+                          stride_dym, stride_dyn, stride_sm, stride_sr, stride_gs, stride_gn, stride_gr,
+                          BLOCKED_G, BLOCK_M, BLOCK_N, BLOCK_R, DOT_PRECISION, ACC_DTYPE)
+
+
+@triton.jit
+def _sum_slices(p_ptr, out_ptr, tile, numel, pieces, BLOCK: tl.constexpr):
+    offsets = tile.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < numel
+    ptrs = p_ptr + offsets
+    acc = tl.load(ptrs, mask=inside, other=0.0)
+    for _ in range(1, pieces):
+        ptrs += numel  # 64-bit pointers: pieces x numel may pass 2^31
+        acc += tl.load(ptrs, mask=inside, other=0.0)
+    tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _sum_partials_kernel(pa_ptr, a_out_ptr, a_numel, a_pieces, pb_ptr, b_out_ptr, b_numel, b_pieces,
+                         BLOCK: tl.constexpr):
+    """out[e] = sum over j = 0, 1, ... of partial[j, e] (contiguous (pieces, numel) partial sums, added in
+    that order in their dtype: deterministic), stored in out's dtype, for two reductions in one launch
+    (dA's and dB's): programs below cdiv(a_numel, BLOCK) sum A's, the others B's. Memory-bound:
+    bytes = pieces x numel x 4 read + numel x 2 written, per reduction."""
+    pid = tl.program_id(0)
+    a_programs = tl.cdiv(a_numel, BLOCK)
+    if pid < a_programs:
+        _sum_slices(pa_ptr, a_out_ptr, pid, a_numel, a_pieces, BLOCK)
+    else:
+        _sum_slices(pb_ptr, b_out_ptr, pid - a_programs, b_numel, b_pieces, BLOCK)

@@ -67,20 +67,27 @@ _NO_LAUNCH = {"empty", "empty_strided", "empty_like", "view", "_unsafe_view", "t
               "sym_numel", "sym_storage_offset", "is_contiguous"}
 
 
-def count_launches(x, weight, bias, branches, p: float = 0.0, seed: int = 3) -> Dict[str, Dict[str, int]]:
-    """Kernels the Triton backend launches for one layer's forward and backward, per path: each Triton launch
-    counts one, each torch op that runs a kernel (not allocation or views) one."""
+def count_launches(x, weight, bias, branches, p: float = 0.0, seed: int = 3,
+                   dtype: torch.dtype = torch.float32) -> Dict[str, Dict[str, int]]:
+    """Kernels one whole layer call launches, per path: ``msplora_kernels.msplora_linear`` in training mode on
+    the Triton backend (x, W and b in ``dtype``, fp32 adapters as parameters, x requiring grad, W and b
+    frozen: the eager autograd
+    Function, its adapter packing and casts included), then ``backward`` into the gradients of x and every
+    adapter (all None before, as after ``zero_grad()``: autograd's accumulation is counted too).
+    Each Triton launch counts one, each torch op that runs a kernel (not allocation or views) one.
+    ``forward_cached``: the forward again with ``MSPLORA_ADAPTER_CACHE=1`` and unchanged adapters."""
     from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-    from .. import triton_backend
+    from .. import function, msplora_linear, triton_backend
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    dtype = torch.float32
-    x, weight = x.to(device, dtype), weight.to(device, dtype)
-    bias = None if bias is None else bias.to(device, dtype)
-    a_cat = torch.cat([a for a, _, _ in branches]).to(device, dtype)
-    b_cat = torch.cat([b for _, b, _ in branches], dim=1).to(device, dtype)
-    ranks, scalings = [a.shape[0] for a, _, _ in branches], [c for _, _, c in branches]
+    x = x.detach().to(device, dtype).requires_grad_()
+    weight = weight.detach().to(device, dtype)
+    bias = None if bias is None else bias.detach().to(device, dtype)
+    fp32 = torch.float32
+    params = [(torch.nn.Parameter(a.detach().to(device, fp32)), torch.nn.Parameter(b.detach().to(device, fp32)), c)
+              for a, b, c in branches]
+    leaves = [x] + [t for a, b, _ in params for t in (a, b)]
     dy = torch.randn(x.shape[0], weight.shape[0], device=device, dtype=dtype)
     count = [0]
 
@@ -101,26 +108,47 @@ def count_launches(x, weight, bias, branches, p: float = 0.0, seed: int = 3) -> 
                     return self.kernel[grid](*args, **meta)
             return launch
 
-    names = ["_matmul_lowrank_kernel", "_shrink_kernel", "_lowrank_grad_a_kernel"]
+    def counted(run):
+        count[0] = 0
+        with Counter():
+            out = run()
+        return count[0], out
+
+    def layer():
+        torch.manual_seed(seed)
+        return msplora_linear(x, weight, bias, params, p, True, "triton")
+
+    names = [name for name in dir(kernels) if name.endswith("_kernel")]
     saved = {name: getattr(kernels, name) for name in names}
+    previous = os.environ.get(function.CACHE_ENV_VAR)
     result: Dict[str, Dict[str, int]] = {}
     try:
         for name in names:
             setattr(kernels, name, Spy(saved[name]))
         for path in ("unfused", "fused"):
             with triton_backend.forced_path(path):
-                triton_backend.forward(x, weight, bias, a_cat, b_cat, ranks, scalings, p, seed)  # warm caches
-                count[0] = 0
-                with Counter():
-                    y, s = triton_backend.forward(x, weight, bias, a_cat, b_cat, ranks, scalings, p, seed)
-                forward = count[0]
-                count[0] = 0
-                with Counter():
-                    triton_backend.backward(dy, x, s, weight, a_cat, b_cat, ranks, scalings, p, seed, True)
-                result[path] = {"forward": forward, "backward": count[0]}
+                layer().backward(dy)  # warm caches
+                forward, y = counted(layer)
+                for leaf in leaves:
+                    leaf.grad = None  # as after optimizer.zero_grad(): autograd's accumulation is counted too
+                backward, _ = counted(lambda: y.backward(dy))
+                os.environ[function.CACHE_ENV_VAR] = "1"
+                function.clear_adapter_cache()
+                layer()
+                cached, _ = counted(layer)
+                function.clear_adapter_cache()
+                if previous is None:
+                    del os.environ[function.CACHE_ENV_VAR]
+                else:
+                    os.environ[function.CACHE_ENV_VAR] = previous
+                result[path] = {"forward": forward, "backward": backward, "forward_cached": cached}
     finally:
         for name, kernel in saved.items():
             setattr(kernels, name, kernel)
+        if previous is None:
+            os.environ.pop(function.CACHE_ENV_VAR, None)
+        else:
+            os.environ[function.CACHE_ENV_VAR] = previous
     return result
 
 

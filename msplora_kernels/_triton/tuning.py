@@ -47,6 +47,17 @@ class MatmulConfig:
 
 
 @dataclass(frozen=True)
+class GradConfig:
+    """Tiles of the dS/dB sweep: rows of dy per program, columns of dy per step, widest rank tile."""
+
+    block_m: int
+    block_n: int
+    max_block_r: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
 class TmaConfig(MatmulConfig):
     """The persistent TMA GEMM's tiles: as ``MatmulConfig``, and the epilogue's column slices per tile."""
 
@@ -147,18 +158,28 @@ _LOW_RANK_MASKED_32BIT = {  # 64-row tiles spill on sm_90 in fp32 (compile_check
     8: LowRankConfig(32, 32, 64, 8, 3),
     None: LowRankConfig(32, 32, 64, 4, 2),
 }
-_NARROW_MATMUL_16BIT = {
-    "interpreter": MatmulConfig(32, 32, 32, 1, 1, 1, 32),
-    9: MatmulConfig(64, 128, 128, 8, 4, 3),
-    8: MatmulConfig(64, 128, 64, 8, 4, 3),
-    None: MatmulConfig(32, 64, 32, 8, 4, 2),
+# dS = dy B and dB = dy^T S in one sweep over dy (``_lowrank_grad_sb_kernel``): rows of dy per program
+# (each program's dB partial sum covers that many rows: taller tiles, fewer partials), columns per step,
+# and the widest rank tile. sm_90, 16-bit: a 256 x 64 dy tile (32 KiB per stage) feeds both products.
+_GRAD_SB_16BIT = {
+    "interpreter": GradConfig(32, 32, 32, 1, 1),
+    9: GradConfig(256, 64, 128, 8, 3),
+    8: GradConfig(128, 64, 128, 8, 3),
+    None: GradConfig(64, 32, 64, 4, 2),
 }
-_NARROW_MATMUL_32BIT = {
-    "interpreter": MatmulConfig(32, 32, 32, 1, 1, 1, 32),
-    9: MatmulConfig(32, 64, 32, 8, 4, 3),
-    8: MatmulConfig(32, 64, 32, 8, 4, 3),
-    None: MatmulConfig(32, 64, 32, 8, 4, 2),
+_GRAD_SB_32BIT = {  # FMA products with operands in registers: smaller tiles
+    "interpreter": GradConfig(32, 32, 32, 1, 1),
+    9: GradConfig(64, 32, 64, 4, 2),
+    8: GradConfig(64, 32, 64, 4, 2),
+    None: GradConfig(32, 32, 64, 4, 2),
 }
+# One sweep pays 8 N R_t bytes of fp32 partial sums (written, then read by the sum) per row tile, where a
+# second sweep would read dy again (M N x its element size): one sweep wins while 8 R_t < block_m x element
+# size (``grad_sb_config``; ``python -m benchmarks.roofline`` prints both). The interpreter instead takes
+# one sweep for rank tiles of 16 and two for wider ones, so that the tests run both variants.
+_INTERPRETER_ONE_PASS_MAX_RANK = 16
+# With two sweeps, the dS row tiles are at most this tall (a BLOCK_M x BLOCK_R fp32 accumulator).
+_TWO_PASS_MAX_ROWS = 64
 # Reductions over M (dA, dB) are split into at most this many slices, summed in a second pass, so that
 # a long M still fills the GPU without atomics (bit-identical results run to run).
 _MAX_SPLIT = {"interpreter": 2, 9: 16, 8: 16, None: 8}
@@ -215,18 +236,34 @@ def shrink_config(config: LowRankConfig, block_r: int, strides: Sequence[int]) -
     return LowRankConfig(config.block_m, block_k, config.max_block_r, config.num_warps, stages)
 
 
+def grad_a_config(config: LowRankConfig, block_r: int, strides: Sequence[int]) -> LowRankConfig:
+    """The dA kernel's tiles for a rank tile of ``block_r`` over operands with these strides: a 128-wide rank
+    tile over unaligned rows (a stride neither 1 nor a multiple of 16: per-element addresses) takes 64
+    columns of x per program (128 x 128 fp32 accumulators spill there on sm_90, compile_check at K = 72)."""
+    if block_r > 64 and not all(s == 1 or s % 16 == 0 for s in strides):
+        return LowRankConfig(config.block_m, min(config.block_k, 64), config.max_block_r, config.num_warps,
+                             config.num_stages)
+    return config
+
+
 def epilogue_only_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> MatmulConfig:
     if dtype in (torch.float32, torch.float64):
         return _lookup(_EPILOGUE_ONLY_32BIT, device)
     return _lookup(_EPILOGUE_ONLY, device)
 
 
-def narrow_matmul_config(device: torch.device, dtype: torch.dtype, width: int) -> MatmulConfig:
-    """Config for a GEMM with ``width`` (<= a few hundred) output columns: the column tile covers them."""
-    base = _lookup(_NARROW_MATMUL_16BIT if dtype in (torch.float16, torch.bfloat16) else _NARROW_MATMUL_32BIT, device)
-    block_n = rank_block(width, base.block_n)
-    return MatmulConfig(base.block_m, block_n, base.block_k, base.group_m, base.num_warps, base.num_stages,
-                        base.max_block_r)
+def grad_sb_config(device: torch.device, dtype: torch.dtype, rank: int) -> Tuple[GradConfig, int, bool]:
+    """(tiles, rank tile, one sweep?) of the dS/dB launch for a total rank of ``rank``."""
+    config = _lookup(_GRAD_SB_16BIT if dtype in (torch.float16, torch.bfloat16) else _GRAD_SB_32BIT, device)
+    block_r = rank_block(rank, config.max_block_r)
+    if _arch(device) == "interpreter":
+        one_pass = block_r <= _INTERPRETER_ONE_PASS_MAX_RANK
+    else:
+        one_pass = 8 * block_r < config.block_m * dtype.itemsize
+    if not one_pass:
+        config = GradConfig(min(config.block_m, _TWO_PASS_MAX_ROWS), config.block_n, config.max_block_r,
+                            config.num_warps, config.num_stages)
+    return config, block_r, one_pass
 
 
 def low_rank_config(device: torch.device, dtype: torch.dtype, masked: bool = False) -> LowRankConfig:
@@ -236,9 +273,26 @@ def low_rank_config(device: torch.device, dtype: torch.dtype, masked: bool = Fal
     return _lookup(_LOW_RANK_MASKED_32BIT if masked else _LOW_RANK_32BIT, device)
 
 
+RANK_QUANTUM = 16  # the smallest ``tl.dot`` inner dimension
+
+
 def rank_block(rank: int, max_block: int) -> int:
-    """The rank tile: a power of two, at least 16 (the smallest ``tl.dot`` operand), at most ``max_block``."""
-    return max(16, min(triton.next_power_of_2(max(rank, 1)), max_block))
+    """A rank *tile* (the rank as an output dimension: S, dS, dB, dA): a power of two (``tl.arange``), at
+    least 16, at most ``max_block``. Such a tile is padded to a power of two: reading x or dy once for all
+    ranks matters more in those memory-bound kernels than the padded columns' products."""
+    return max(RANK_QUANTUM, min(triton.next_power_of_2(max(rank, 1)), max_block))
+
+
+def rank_step(ranks: Sequence[int], max_block: int) -> int:
+    """A rank *step* (the rank as a loop's reduction: the epilogues' S B^T and per-branch dS_s A_s): the
+    largest power of two, at least 16, at most ``max_block``, that divides every rank rounded up to a
+    multiple of 16, so each loop over a rank range is padded to a multiple of 16 only (R = 112: seven
+    steps of 16, not 128; 64/32/16 masked per branch: 64 + 32 + 16, not 3 x 64)."""
+    step = RANK_QUANTUM
+    padded = [-(-max(int(r), 1) // RANK_QUANTUM) * RANK_QUANTUM for r in ranks]
+    while step * 2 <= max_block and all(p % (step * 2) == 0 for p in padded):
+        step *= 2
+    return step
 
 
 def reduction_splits(rows: int, device: torch.device) -> int:
