@@ -267,7 +267,33 @@ class PeakMemory:
 
 
 # ---------------------------------------------------------------------------------------------- training
+# Runs that go at once (--jobs 2) start every step together: each process waits here before each step, so both
+# runs meet the same contention for the cores and the memory bus in every step (and evaluate at the same
+# steps), and their step times compare like for like; set in each process by ``_join_lockstep``.
+_LOCKSTEP: List[object] = []
+LOCKSTEP_TIMEOUT_S = 900.0
+
+
+def _join_lockstep(barrier) -> None:
+    _LOCKSTEP[:] = [barrier]
+
+
+def _wait_for_the_other_runs() -> None:
+    if _LOCKSTEP:
+        _LOCKSTEP[0].wait(LOCKSTEP_TIMEOUT_S)
+
+
 def train_one(spec: RunSpec) -> Dict[str, object]:
+    """:func:`_train_one`; a run that fails breaks the lockstep barrier, so that the other run stops waiting."""
+    try:
+        return _train_one(spec)
+    except BaseException:
+        if _LOCKSTEP:
+            _LOCKSTEP[0].abort()
+        raise
+
+
+def _train_one(spec: RunSpec) -> Dict[str, object]:
     """Train one adapter, save it, check that it reloads, and return losses, timings, memory and counts.
 
     Runs in its own process (see :func:`run_demo`); the progress bar goes to stderr.
@@ -300,6 +326,7 @@ def train_one(spec: RunSpec) -> Dict[str, object]:
     for step in tqdm(range(1, spec.steps + 1), desc=f"{spec.label:>18}", file=sys.stderr, mininterval=1.0,
                      position=METHODS.index(spec.method)):
         batch = random_batch(train_tokens, spec.batch_size, spec.seq_len, generator).to(spec.device)
+        _wait_for_the_other_runs()
         started = time.perf_counter()
         loss = _lm_loss(model, batch)
         loss.backward()
@@ -348,13 +375,16 @@ def train_one(spec: RunSpec) -> Dict[str, object]:
 
 
 def run_in_fresh_processes(specs: Sequence[RunSpec], jobs: int) -> List[Dict[str, object]]:
-    """Each run in a process of its own (so that its peak memory is its own), ``jobs`` of them at a time."""
+    """Each run in a process of its own (so that its peak memory is its own), ``jobs`` of them at a time; runs
+    that go at once start each training step together (a barrier shared by their processes)."""
     context = multiprocessing.get_context("spawn")
     results: List[Dict[str, object]] = []
     for start in range(0, len(specs), jobs):
-        pools = [ProcessPoolExecutor(max_workers=1, mp_context=context) for _ in specs[start : start + jobs]]
+        group = specs[start : start + jobs]
+        lockstep = dict(initializer=_join_lockstep, initargs=(context.Barrier(len(group)),)) if len(group) > 1 else {}
+        pools = [ProcessPoolExecutor(max_workers=1, mp_context=context, **lockstep) for _ in group]
         try:
-            futures = [pool.submit(train_one, spec) for pool, spec in zip(pools, specs[start : start + jobs])]
+            futures = [pool.submit(train_one, spec) for pool, spec in zip(pools, group)]
             results.extend(future.result() for future in futures)
         finally:
             for pool in pools:

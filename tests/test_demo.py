@@ -141,3 +141,34 @@ def test_real_smollm2_trains_a_step_and_its_adapter_reloads(tmp_path):
     msplora.save_adapter(model, spec.adapter_dir)
     reload = demo.reload_check(spec, batch[:, :-1], trained)
     assert reload["max_abs_diff_to_trained"] <= 1e-5 and reload["max_abs_diff_to_base"] > 1e-4
+
+
+def test_a_failing_run_breaks_the_lockstep_so_the_other_run_does_not_wait(monkeypatch, tmp_path):
+    """Runs that go at once start each step together (a barrier); a run that fails aborts that barrier, so the
+    run still waiting there stops with an error instead of hanging until the timeout."""
+    import threading
+
+    barrier = threading.Barrier(2)
+    monkeypatch.setattr(demo, "_LOCKSTEP", [barrier])
+    spec = demo.RunSpec(method="msplora", ranks=(8, 4, 2), targets=["q_proj"], steps=1, model="no-such-model",
+                        device="cpu", out=str(tmp_path))
+    with pytest.raises(Exception):
+        demo.train_one(spec)
+    assert barrier.broken
+    with pytest.raises(threading.BrokenBarrierError):
+        demo._wait_for_the_other_runs()
+
+
+def test_each_training_step_waits_at_the_lockstep_barrier(monkeypatch, tmp_path):
+    """Every training step (not the evaluations) starts with one wait at the barrier shared by the runs."""
+    waits = []
+
+    class Counting:
+        def wait(self, timeout):
+            waits.append(timeout)
+
+    monkeypatch.setattr(demo, "_LOCKSTEP", [Counting()])
+    spec = demo.RunSpec(method="msplora", ranks=(8, 4, 2), targets=["q_proj", "v_proj"], steps=2, model="tiny",
+                        device="cpu", out=str(tmp_path), batch_size=2, seq_len=32, eval_every=1, eval_windows=2)
+    result = demo.train_one(spec)
+    assert len(result["losses"]) == 2 and waits == [demo.LOCKSTEP_TIMEOUT_S] * 2
