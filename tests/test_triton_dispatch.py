@@ -158,3 +158,35 @@ def test_half_precision_activations_with_fp32_adapters_add_no_casts():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sums = 1 if tuning.reduction_splits(37, device) > 1 else 0
     assert counts["unfused"] == {"forward": 4, "backward": 4 + sums, "forward_cached": 3}, counts
+
+
+@pytest.mark.skipif(not dispatch.triton_interpreted(), reason="runs the tuning step's code under the interpreter")
+def test_the_tuning_step_runs_end_to_end_on_the_interpreter(monkeypatch, tmp_path):
+    """``tune.measure`` (the GPU check's required tune step) on the CPU under the interpreter, with
+    ``do_bench`` replaced by one call of the timed function and a fake time per path: every launch of both
+    paths and of the TMA check runs, the entries have the committed table's fields and parse, and the
+    written table reads back with the rule applied (fused at 0.9x the unfused time, not at 1.0x)."""
+    import triton.testing
+
+    fake = {"fused": 0.9, "unfused": 1.0, "fused_tma": 1.0}
+    from msplora_kernels import triton_backend
+
+    def do_bench(fn, warmup, rep):
+        fn()
+        return fake[triton_backend._forced["path"]]
+
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    wrong = []
+    entries = tune.measure([(37, 72, 50)], [(8, 4, 2)], [0.0, 0.05], torch.float16, 1, 1, wrong=wrong,
+                           device="cpu")
+    assert wrong == []  # the TMA GEMM's y agreed with cuBLAS + ours (here: the interpreter's)
+    assert [(e["op"], e["dropout"]) for e in entries] == [("forward", False), ("backward", False),
+                                                          ("forward", True), ("backward", True)]
+    assert all(e["fused_ms"] == 0.9 and e["unfused_ms"] == 1.0 for e in entries)
+    assert all(e.get("fused_tma_ms") == 1.0 for e in entries if e["op"] == "forward")
+    decisions = tuning.parse_table(entries)
+    assert all(decisions.values()) and len(decisions) == 4
+    assert not any(tuning.parse_tma_table(entries).values())  # TMA no faster than unfused: not chosen
+    path = tmp_path / "table.py"
+    tune.write_table(str(path), entries)
+    assert "ENTRIES" in path.read_text() and "fused_ms" in path.read_text()

@@ -164,15 +164,18 @@ def _commit() -> str:
 
 
 def measure(shapes, rank_sets, dropouts, dtype: torch.dtype, warmup_ms: int, rep_ms: int,
-            deadline: Optional[float] = None, wrong: Optional[List[str]] = None) -> List[dict]:
+            deadline: Optional[float] = None, wrong: Optional[List[str]] = None,
+            device: Optional[torch.device] = None) -> List[dict]:
     """Median times (ms) of both paths per key and op on the current GPU; stops at ``deadline`` (time.time()).
-    Keys where the TMA GEMM's y disagreed with the unfused path's are appended to ``wrong`` (not timed)."""
+    Keys where the TMA GEMM's y disagreed with the unfused path's are appended to ``wrong`` (not timed).
+    ``device``: the current CUDA device by default (the tests run it on the CPU under the interpreter, with
+    ``triton.testing.do_bench`` replaced)."""
     import triton.testing
 
     from .. import triton_backend
 
-    device = torch.device("cuda", torch.cuda.current_device())
-    gpu = torch.cuda.get_device_name(device)
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     torch_version, triton_version = tuning.software_versions()
     commit, date = _commit(), datetime.date.today().isoformat()
     entries = []
