@@ -6,9 +6,9 @@
 #      later; that the launcher then finds them in the cache is expected, not yet seen on a GPU);
 #   2. tune: python -m msplora_kernels._triton.tune --preset quick measures fused vs unfused per key, and the
 #      persistent TMA forward (fused_tma_ms, timed only after its y matched cuBLAS + ours on the GPU, else the
-#      step fails: 4 more forward timings and checks, about 1 s, plus its one bias-free variant
-#      compiled cold, a few seconds; step 1 pre-warms its 16 variants with bias, about 4 s at 16 jobs, 440
-#      variants in all), and writes msplora_kernels/_triton/tuning_table.py (to be committed: auto uses it);
+#      step fails: 4 more forward timings and checks, about 1 s); it passes a bias, as step 1 pre-warms the
+#      forwards, so it should find every variant compiled (expected, not yet seen on a GPU), and writes
+#      msplora_kernels/_triton/tuning_table.py (to be committed: auto uses it);
 #   3. roofline: the predictions, printed beside step 4's measurements in the log;
 #   4. benchmark: python -m benchmarks.run at M=8192 (K,N = 4096,4096 and 4096,11008) and 4096^3, ranks
 #      8/4/2 and 64/32/16, p in {0, 0.05} (benchmarks/results/<date>-<gpu>.json and .md, to be committed);

@@ -20,9 +20,11 @@ strides, dtype and device: in-place changes through PyTorch (``optimizer.step()`
 global step hook, which covers optimizers that write through raw pointers). Writes that bypass version
 counters are not seen: ``p.data.add_()`` (``torch.autograd.gradcheck`` perturbs its inputs so, as do EMA
 and initialisation code), and FSDP, which re-gathers parameters with their version counters preserved.
-Hence ``MSPLORA_ADAPTER_CACHE``: ``auto`` (default) caches only calls that need no gradient (evaluation,
-generation, frozen adapters: many forwards per parameter state, where the saving is largest); ``1`` also
-caches training calls (gradient accumulation, activation checkpointing's recomputation); ``0`` never.
+Hence ``MSPLORA_ADAPTER_CACHE``, off (``0``) by default: a stale entry would be a silently wrong output, and
+manual updates such as ``p.data -= lr * p.grad`` are common training-loop code. ``auto`` caches calls that
+need no gradient (evaluation, generation: many forwards per parameter state, where one launch per layer
+saved matters most), ``1`` also training calls (gradient accumulation, activation checkpointing's
+recomputation). Without the cache the packing is still one launch (Triton) per layer call.
 The cache is off under ``torch.distributed``; ``clear_adapter_cache()`` empties it. Entries are plain
 tensors made inside the autograd Function's forward (never part of a graph), dropped when any of their
 parameters is freed (weak references), and at most ``_AdapterCache.max_entries``.
@@ -321,7 +323,7 @@ class _AdapterCache:
 
     @staticmethod
     def enabled(training_call: bool) -> bool:
-        setting = os.environ.get(CACHE_ENV_VAR, "auto")
+        setting = os.environ.get(CACHE_ENV_VAR, "0")
         if setting not in ("auto", "0", "1"):
             raise ValueError(f"${CACHE_ENV_VAR} must be auto, 0 or 1, got {setting!r}")
         if setting == "0" or (setting == "auto" and training_call):

@@ -19,10 +19,24 @@ BACKENDS = ["torch"] + (["triton"] if dispatch.triton_available() and (torch.cud
 
 
 @pytest.fixture(autouse=True)
-def fresh_cache():
+def fresh_cache(monkeypatch):
+    """Each test starts with an empty cache, enabled for calls without gradients (``auto``) unless it says."""
+    monkeypatch.setenv(function.CACHE_ENV_VAR, "auto")
     function.clear_adapter_cache()
     yield
     function.clear_adapter_cache()
+
+
+def test_the_cache_is_off_by_default_so_untracked_writes_are_seen(monkeypatch):
+    """Without ``MSPLORA_ADAPTER_CACHE`` nothing is cached: a hand-written update through ``p.data`` (which
+    no version counter sees) between two evaluation calls shows in the second one."""
+    monkeypatch.delenv(function.CACHE_ENV_VAR)
+    x, weight, bias, params = layer()
+    with torch.no_grad():
+        check(x, weight, bias, params, "torch")
+        params[0][0].data -= 0.1 * torch.ones_like(params[0][0])
+        check(x, weight, bias, params, "torch")
+    assert counts() == (0, 0) and len(function._adapter_cache) == 0
 
 
 def layer(ranks=(8, 4, 2), seed=0):
@@ -51,7 +65,7 @@ def test_calls_without_gradients_reuse_the_concatenation(backend):
         check(x, weight, bias, params, backend)
         check(x, weight, bias, params, backend)
     assert counts() == (hits + 1, misses + 1)
-    check(x, weight, bias, params, backend)  # a call that needs gradients: not cached by default
+    check(x, weight, bias, params, backend)  # a call that needs gradients: not cached under auto
     assert counts() == (hits + 1, misses + 1)
 
 
@@ -88,7 +102,7 @@ def test_every_tracked_change_of_the_adapters_is_seen(change):
     torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol)
 
 
-def test_training_calls_are_not_cached_by_default_so_data_writes_are_seen():
+def test_training_calls_are_not_cached_under_auto_so_data_writes_are_seen():
     """``p.data`` writes bypass version counters (gradcheck perturbs its inputs this way)."""
     x, weight, bias, params = layer()
     check(x, weight, bias, params, "torch")

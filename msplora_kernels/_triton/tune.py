@@ -191,13 +191,15 @@ def measure(shapes, rank_sets, dropouts, dtype: torch.dtype, warmup_ms: int, rep
                 weight = (torch.randn(n, k, device=device, generator=g) / k**0.5).to(dtype)
                 a_cat = (torch.randn(sum(ranks), k, device=device, generator=g) / k**0.5).to(dtype)
                 b_cat = (torch.randn(n, sum(ranks), device=device, generator=g) * 0.01).to(dtype)
+                # with a bias, as the pre-warm step compiles the forward (the key does not depend on it)
+                bias = torch.randn(n, device=device, generator=g).to(dtype)
                 dy = torch.randn(m, n, device=device, generator=g).to(dtype)
                 scalings = [16.0 / r for r in ranks]
                 times = {}
                 if kernels_tma.supported(x, weight, tuning._arch(device)):
-                    if tma_agrees(x, weight, a_cat, b_cat, ranks, scalings, p):
+                    if tma_agrees(x, weight, a_cat, b_cat, ranks, scalings, p, bias):
                         with triton_backend.forced_path("fused_tma"):
-                            tma = lambda: triton_backend.forward(x, weight, None, a_cat, b_cat, ranks,  # noqa: E731
+                            tma = lambda: triton_backend.forward(x, weight, bias, a_cat, b_cat, ranks,  # noqa: E731
                                                                  scalings, p, 11)
                             times["fused_tma"] = (triton.testing.do_bench(tma, warmup=warmup_ms, rep=rep_ms), None)
                     else:
@@ -207,7 +209,7 @@ def measure(shapes, rank_sets, dropouts, dtype: torch.dtype, warmup_ms: int, rep
                             wrong.append(f"{m}x{k}x{n} r{'/'.join(map(str, ranks))} p{p:g}")
                 for path in ("fused", "unfused"):
                     with triton_backend.forced_path(path):
-                        fwd = lambda: triton_backend.forward(x, weight, None, a_cat, b_cat, ranks, scalings, p, 11)  # noqa: E731
+                        fwd = lambda: triton_backend.forward(x, weight, bias, a_cat, b_cat, ranks, scalings, p, 11)  # noqa: E731
                         _, s = fwd()
                         bwd = lambda: triton_backend.backward(dy, x, s, weight, a_cat, b_cat, ranks, scalings, p, 11,  # noqa: E731
                                                               True)
@@ -230,11 +232,11 @@ def measure(shapes, rank_sets, dropouts, dtype: torch.dtype, warmup_ms: int, rep
                     print(f"tune {m}x{k}x{n} r{'/'.join(map(str, ranks))} p{p:g} {op:8s} fused {entry['fused_ms']:.4f} ms"
                           f" unfused {entry['unfused_ms']:.4f} ms ratio {ratio:.3f} -> "
                           f"{'fused' if ratio <= tuning.FUSED_MIN_GAIN else 'unfused'}", flush=True)
-                del x, weight, a_cat, b_cat, dy, s
+                del x, weight, bias, a_cat, b_cat, dy, s
     return entries
 
 
-def tma_agrees(x, weight, a_cat, b_cat, ranks, scalings, p: float) -> bool:
+def tma_agrees(x, weight, a_cat, b_cat, ranks, scalings, p: float, bias=None) -> bool:
     """Whether the TMA GEMM's y equals the unfused path's (cuBLAS + ours) to within rounding on this GPU, with
     B scaled up so that the low-rank term is as large as x W^T (a kernel that dropped it would fail). Both
     accumulate in fp32 and round once to y's dtype, so they differ by about one unit in the last place:
@@ -246,7 +248,7 @@ def tma_agrees(x, weight, a_cat, b_cat, ranks, scalings, p: float) -> bool:
     ys = {}
     for path in ("fused_tma", "unfused"):
         with triton_backend.forced_path(path):
-            ys[path] = triton_backend.forward(x, weight, None, a_cat, b_check, ranks, scalings, p, 11)[0].float()
+            ys[path] = triton_backend.forward(x, weight, bias, a_cat, b_check, ranks, scalings, p, 11)[0].float()
     expected, got = ys["unfused"], ys["fused_tma"]
     bound = 2.0**-6 * expected.abs() + 2.0**-10 * expected.abs().max()
     return bool(torch.isfinite(got).all()) and bool(((got - expected).abs() <= bound).all())
