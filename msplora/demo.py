@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 import warnings
+import concurrent.futures
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
@@ -278,9 +279,12 @@ def _join_lockstep(barrier) -> None:
     _LOCKSTEP[:] = [barrier]
 
 
-def _wait_for_the_other_runs() -> None:
+def _wait_for_the_other_runs(first: bool = False) -> None:
+    """Wait at the shared barrier: without a limit before the first step (the other run may still be loading
+    its model), at most ``LOCKSTEP_TIMEOUT_S`` before the others. A run that dies without a Python exception
+    (killed, out of memory) is noticed by the parent, which breaks the barrier (``run_in_fresh_processes``)."""
     if _LOCKSTEP:
-        _LOCKSTEP[0].wait(LOCKSTEP_TIMEOUT_S)
+        _LOCKSTEP[0].wait(None if first else LOCKSTEP_TIMEOUT_S)
 
 
 def train_one(spec: RunSpec) -> Dict[str, object]:
@@ -326,7 +330,7 @@ def _train_one(spec: RunSpec) -> Dict[str, object]:
     for step in tqdm(range(1, spec.steps + 1), desc=f"{spec.label:>18}", file=sys.stderr, mininterval=1.0,
                      position=METHODS.index(spec.method)):
         batch = random_batch(train_tokens, spec.batch_size, spec.seq_len, generator).to(spec.device)
-        _wait_for_the_other_runs()
+        _wait_for_the_other_runs(first=step == 1)
         started = time.perf_counter()
         loss = _lm_loss(model, batch)
         loss.backward()
@@ -374,17 +378,21 @@ def _train_one(spec: RunSpec) -> Dict[str, object]:
     }
 
 
-def run_in_fresh_processes(specs: Sequence[RunSpec], jobs: int) -> List[Dict[str, object]]:
+def run_in_fresh_processes(specs: Sequence[RunSpec], jobs: int, target=None) -> List[Dict[str, object]]:
     """Each run in a process of its own (so that its peak memory is its own), ``jobs`` of them at a time; runs
     that go at once start each training step together (a barrier shared by their processes)."""
     context = multiprocessing.get_context("spawn")
     results: List[Dict[str, object]] = []
     for start in range(0, len(specs), jobs):
         group = specs[start : start + jobs]
-        lockstep = dict(initializer=_join_lockstep, initargs=(context.Barrier(len(group)),)) if len(group) > 1 else {}
+        barrier = context.Barrier(len(group)) if len(group) > 1 else None
+        lockstep = dict(initializer=_join_lockstep, initargs=(barrier,)) if barrier is not None else {}
         pools = [ProcessPoolExecutor(max_workers=1, mp_context=context, **lockstep) for _ in group]
         try:
-            futures = [pool.submit(train_one, spec) for pool, spec in zip(pools, group)]
+            futures = [pool.submit(target or train_one, spec) for pool, spec in zip(pools, group)]
+            done, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+            if barrier is not None and any(f.exception() is not None for f in done):
+                barrier.abort()  # a run failed, perhaps killed before it could break the barrier itself
             results.extend(future.result() for future in futures)
         finally:
             for pool in pools:

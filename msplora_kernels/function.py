@@ -19,7 +19,9 @@ strides, dtype and device: in-place changes through PyTorch (``optimizer.step()`
 ``p.add_()`` under ``torch.no_grad()``) are seen; every ``torch.optim`` step also empties the cache (a
 global step hook, which covers optimizers that write through raw pointers). Writes that bypass version
 counters are not seen: ``p.data.add_()`` (``torch.autograd.gradcheck`` perturbs its inputs so, as do EMA
-and initialisation code), and FSDP, which re-gathers parameters with their version counters preserved.
+and initialisation code), ``p.data = t`` with ``t`` viewing the same memory as before
+(``torch.nn.utils.vector_to_parameters`` from a reused flat buffer), and FSDP, which re-gathers parameters
+with their version counters preserved.
 Hence ``MSPLORA_ADAPTER_CACHE``, off (``0``) by default: a stale entry would be a silently wrong output, and
 manual updates such as ``p.data -= lr * p.grad`` are common training-loop code. ``auto`` caches calls that
 need no gradient (evaluation, generation: many forwards per parameter state, where one launch per layer
@@ -131,6 +133,12 @@ def _check_shapes(x: torch.Tensor, weight: torch.Tensor, branches: Sequence[Bran
     _check_branches(x, k, n, branches, "msplora_linear")
 
 
+def _check_dropout(dropout_p: float, op: str) -> None:
+    """0 <= p < 1, as ``MSPLoraLinear`` requires (p = 1 would drop everything and divide by 1 - p = 0)."""
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+
+
 def _check_branches(x: torch.Tensor, k: int, n: int, branches: Sequence[Branch], op: str) -> None:
     """Each branch ``(A, B, c)`` has A (r, k) and B (n, r), on x's device."""
     for i, (a, b, _) in enumerate(branches):
@@ -160,6 +168,7 @@ def msplora_linear(
     autocast dtype, as ``nn.Linear`` does.
     """
     _check_shapes(x, weight, branches)
+    _check_dropout(dropout_p, "msplora_linear")
     name = resolve_backend(backend, x.device)
     if name == "reference":  # adapters may be fp32 beside half-precision activations, as below
         cast = [(a.to(x.dtype), b.to(x.dtype), c) for a, b, c in branches]
@@ -220,6 +229,7 @@ def msplora_lowrank(
         raise ValueError("msplora_lowrank needs at least one branch")
     k, n = x.shape[-1], branches[0][1].shape[0]
     _check_branches(x, k, n, branches, "msplora_lowrank")
+    _check_dropout(dropout_p, "msplora_lowrank")
     device_type = x.device.type
     if device_type != "meta" and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
@@ -312,11 +322,14 @@ class _AdapterCache:
 
     def __init__(self) -> None:
         self._entries: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+        self._lock = threading.RLock()  # lookups, inserts, clears; re-entrant: a weakref callback may run
+        # (garbage collection) while this thread holds it
         self._hooked = False
         self.hits = self.misses = 0
 
     def clear(self) -> None:
-        self._entries.clear()
+        with self._lock:
+            self._entries.clear()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -344,26 +357,29 @@ class _AdapterCache:
         inference = torch.is_inference_mode_enabled()  # tensors made there may only be used there
         key = (backend, dtype, inference, tuple(id(t) for t in tensors))
         state = self._state(tensors)
-        entry = self._entries.get(key)
-        if entry is not None and entry[1] == state and all(ref() is t for ref, t in zip(entry[0], tensors)):
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return entry[2], entry[3]
-        self.misses += 1
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry[1] == state and all(ref() is t for ref, t in zip(entry[0], tensors)):
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return entry[2], entry[3]
+            self.misses += 1
         a_cat, b_cat = _concatenate(a_list, b_list, dtype, backend)
         self._hook_optimizers()
         drop = functools.partial(_AdapterCache._forget, weakref.ref(self), key)
-        self._entries[key] = (tuple(weakref.ref(t, drop) for t in tensors), state, a_cat, b_cat)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        with self._lock:
+            self._entries[key] = (tuple(weakref.ref(t, drop) for t in tensors), state, a_cat, b_cat)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
         return a_cat, b_cat
 
     @staticmethod
     def _forget(cache_ref, key, _dead) -> None:
         cache = cache_ref()
         if cache is not None:
-            cache._entries.pop(key, None)
+            with cache._lock:
+                cache._entries.pop(key, None)
 
     def _hook_optimizers(self) -> None:
         if not self._hooked:

@@ -120,8 +120,8 @@ def dropped_positions(seed: int, total: int, p: float, device: torch.device,
         # u in [2^-60, 1) keeps log(u) finite; ceil(log u / log(1 - p)) >= 1 is the geometric gap
         gaps = torch.empty(n, dtype=torch.float64, device=device).uniform_(_U_LOW, 1.0, generator=generator)
         gaps = gaps.log_().mul_(inv_log).ceil_()
-        if p < 1e-15:  # gaps beyond 2^53 are possible only for such p
-            gaps.clamp_(max=float(total))
+        if p < 1e-15:  # gaps beyond 2^53 are possible only for such p; total + 1 lands past the end
+            gaps.clamp_(max=float(total) + 1.0)
         gaps[:1].add_(start - 1)
         positions = gaps.cumsum_(0)
         last = int(positions[-1])

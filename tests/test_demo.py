@@ -4,6 +4,7 @@ table and of the curve are the same measurement, each saved adapter reloads exac
 One more test runs a step of the real SmolLM2 when its converted copy is cached."""
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -171,4 +172,27 @@ def test_each_training_step_waits_at_the_lockstep_barrier(monkeypatch, tmp_path)
     spec = demo.RunSpec(method="msplora", ranks=(8, 4, 2), targets=["q_proj", "v_proj"], steps=2, model="tiny",
                         device="cpu", out=str(tmp_path), batch_size=2, seq_len=32, eval_every=1, eval_windows=2)
     result = demo.train_one(spec)
-    assert len(result["losses"]) == 2 and waits == [demo.LOCKSTEP_TIMEOUT_S] * 2
+    assert len(result["losses"]) == 2 and waits == [None, demo.LOCKSTEP_TIMEOUT_S]  # no limit before step 1
+
+
+def _killed_or_waiting(spec):
+    """A stand-in for ``train_one`` in a spawned process: the LoRA run dies without a Python exception (as
+    if killed by the OOM killer), the MSPLoRA run waits at the lockstep barrier for its next step."""
+    if spec.method == "lora":
+        os._exit(137)
+    demo.LOCKSTEP_TIMEOUT_S = 120.0
+    time.sleep(1.0)
+    demo._wait_for_the_other_runs()
+
+
+def test_a_killed_run_releases_the_other_run_at_once(tmp_path):
+    """The parent breaks the barrier when a run's process dies, so the run still waiting stops within
+    seconds instead of after the barrier's timeout."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    specs = [demo.RunSpec(method=m, ranks=(8, 4, 2), targets=["q_proj"], steps=1, model="tiny", device="cpu",
+                          out=str(tmp_path)) for m in demo.METHODS]
+    started = time.monotonic()
+    with pytest.raises(BrokenProcessPool):
+        demo.run_in_fresh_processes(specs, jobs=2, target=_killed_or_waiting)
+    assert time.monotonic() - started < 60  # not the 120 s of the waiting run's barrier timeout

@@ -301,3 +301,22 @@ def test_sparse_dropout_warns_nothing_on_any_call():
     )
     done = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("p", [1.0, 1.5, -0.1, float("nan")])
+def test_a_dropout_outside_0_to_1_is_refused_by_name(p):
+    from msplora_kernels import msplora_lowrank
+
+    x = torch.randn(5, 8)
+    branches = [(torch.randn(2, 8), torch.randn(4, 2), 1.0)]
+    with pytest.raises(ValueError, match=r"msplora_linear: dropout_p must be in \[0, 1\)"):
+        msplora_linear(x, torch.randn(4, 8), None, branches, dropout_p=p, training=True, backend="torch")
+    with pytest.raises(ValueError, match=r"msplora_lowrank: dropout_p must be in \[0, 1\)"):
+        msplora_lowrank(x, branches, dropout_p=p, training=True)
+
+
+def test_a_vanishing_p_drops_nothing_rather_than_the_last_element():
+    """For p < 1e-15 the gaps are clamped (they could exceed 2^53); the clamp lands past the end, so the last
+    element is not dropped by every seed."""
+    for seed in range(5):
+        assert torch_backend.dropped_positions(seed, 10**6, 1e-16, CPU).numel() == 0
