@@ -82,14 +82,19 @@ def test_m_buckets_are_powers_of_two():
     ({"op": "sideways"}, "op must be one of"),
 ])
 def test_malformed_entries_are_refused_naming_what_is_wrong(bad, message):
+    with pytest.raises(ValueError, match=message):
+        tuning.parse_table([broken_entry(bad)])
+
+
+def broken_entry(bad):
+    """A valid entry with the fields of ``bad`` replaced (None: removed)."""
     broken = entry(1.0, 1.0)
     for key, value in bad.items():
         if value is None:
             del broken[key]
         else:
             broken[key] = value
-    with pytest.raises(ValueError, match=message):
-        tuning.parse_table([broken])
+    return broken
 
 
 def test_off_cuda_auto_takes_the_unfused_path_and_forced_paths_win(on_h200):

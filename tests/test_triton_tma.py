@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 from msplora_kernels import triton_backend  # noqa: E402
 from msplora_kernels._triton import kernels_tma, tuning  # noqa: E402
 from tests.test_triton_dispatch import GPU, TORCH, TRITON, on_h200  # noqa: E402,F401 (on_h200: a fixture)
-from tests.test_triton_dispatch import entry as dispatch_entry  # noqa: E402
+from tests.test_triton_dispatch import broken_entry, entry as dispatch_entry  # noqa: E402
 from tests.test_triton_kernels import assert_error_ratio, make_problem, packed, to  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -228,14 +228,8 @@ def test_default_and_forced_choices(on_h200):
     (dict(fused_tma_ms=0.5, fused_ms=None), "missing fields"),
 ])
 def test_malformed_tma_entries_are_refused_naming_what_is_wrong(bad, message):
-    broken = entry(1.0, 1.0)
-    for key, value in bad.items():
-        if value is None:
-            del broken[key]
-        else:
-            broken[key] = value
     with pytest.raises(ValueError, match=message):
-        tuning.parse_tma_table([broken])
+        tuning.parse_tma_table([broken_entry(bad)])
 
 
 def test_the_committed_table_parses_for_the_tma_rule():
