@@ -161,13 +161,15 @@ def _sparse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _floor_div(a: torch.Tensor, d: int) -> torch.Tensor:
-    """floor(a / d) for non-negative integers ``a``, in a's dtype. For int32 ``a`` by fp64 arithmetic, a third
-    of the time of CPU integer division: with a = q d + r, (a + 1/2) / d = q + (r + 1/2) / d lies at least
-    1/(2d) from both integers q and q + 1, and fp64 errs by under 2^-51 q, less than that for a < 2^50."""
+def _floor_div(a: torch.Tensor, divisors: Sequence[int]) -> List[torch.Tensor]:
+    """floor(a / d) for each ``d`` in ``divisors``, for non-negative integers ``a``, in a's dtype. For int32
+    ``a`` by fp64 arithmetic from one fp64 copy, a third of the time of CPU integer division: with
+    a = q d + r, (a + 1/2) / d = q + (r + 1/2) / d lies at least 1/(2d) from both integers q and q + 1, and
+    fp64 errs by under 2^-51 q, less than that for a < 2^50."""
     if a.dtype != torch.int32:
-        return torch.div(a, d, rounding_mode="floor")
-    return a.to(torch.float64).add_(0.5).mul_(1.0 / d).to(torch.int32)  # truncation = floor (positive)
+        return [torch.div(a, d, rounding_mode="floor") for d in divisors]
+    half_up = a.to(torch.float64).add_(0.5)
+    return [(half_up * (1.0 / d)).to(torch.int32) for d in divisors]  # truncation = floor (positive)
 
 
 def _dropped(x: torch.Tensor, n_branches: int, p: float, seed: int,
@@ -180,13 +182,7 @@ def _dropped(x: torch.Tensor, n_branches: int, p: float, seed: int,
         positions = dropped_positions(seed, total, p, x.device)
     crow = torch.searchsorted(positions, torch.arange(0, total + 1, width, device=x.device, dtype=positions.dtype),
                               out_int32=positions.dtype == torch.int32)
-    if positions.dtype == torch.int32:  # both divisions from one fp64 copy (see _floor_div)
-        half_up = positions.to(torch.float64).add_(0.5)
-        flat = (half_up * (1.0 / n_branches)).to(torch.int32)  # (i K + j): the element of x
-        row = half_up.mul_(1.0 / width).to(torch.int32)  # floor(floor(f / n) / K) = floor(f / (K n))
-    else:
-        flat = _floor_div(positions, n_branches)
-        row = _floor_div(flat, k)
+    flat, row = _floor_div(positions, (n_branches, width))  # (i K + j): the element of x; i: its row
     col = torch.sub(positions, row, alpha=width)  # j n + s
     return _Dropped(crow, row, col, flat, x.reshape(-1).index_select(0, flat), m, width), positions
 

@@ -69,6 +69,7 @@ from __future__ import annotations
 import contextlib
 import collections
 import functools
+import itertools
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -176,13 +177,16 @@ def _branch_coefficients(scalings: Sequence[float], p: float) -> List[float]:
     return [float(c) / keep for c in scalings] + [0.0] * (MAX_BRANCHES - len(scalings))
 
 
+def _offsets(ranks: Sequence[int]) -> List[int]:
+    """[0, r_1, r_1 + r_2, ..., R]: where each branch's rank columns start, and R."""
+    return [0, *itertools.accumulate(ranks)]
+
+
 @functools.lru_cache(maxsize=256)
 def _rank_bounds(ranks: Tuple[int, ...], device: torch.device) -> torch.Tensor:
     """[0, r_1, r_1 + r_2, ..., R, R, ...] (MAX_BRANCHES + 1 entries, int32, on ``device``): the branches'
     rank columns (cached: one copy per rank layout, not one per call)."""
-    bounds = [0]
-    for rank in ranks:
-        bounds.append(bounds[-1] + rank)
+    bounds = _offsets(ranks)
     bounds += [bounds[-1]] * (MAX_BRANCHES + 1 - len(bounds))
     return torch.tensor(bounds, dtype=torch.int32, device=device)
 
@@ -526,7 +530,7 @@ def backward(
                            (db_partial, b_dtype))
     if branch_grads is None:
         return dx, da, db
-    bounds = [0] + [sum(ranks[: i + 1]) for i in range(len(ranks))]
+    bounds = _offsets(ranks)
     return dx, list(da.split(list(ranks))), [db[n * lo: n * hi].view(n, hi - lo) for lo, hi in zip(bounds, bounds[1:])]
 
 
@@ -567,7 +571,7 @@ def pack_adapters(a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tensor]
     device, k, rows = a_list[0].device, a_list[0].shape[1], b_list[0].shape[0]
     _check_device(device)
     ranks = [a.shape[0] for a in a_list]
-    bounds = [sum(ranks[: i + 1]) for i in range(n)]
+    bounds = _offsets(ranks)[1:]
     total = bounds[-1]
     bounds += [total] * (MAX_BRANCHES - n)
     a_cat = torch.empty((total, k), device=device, dtype=dtype)

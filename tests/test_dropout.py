@@ -280,7 +280,7 @@ def test_floor_division_by_fp64_is_exact_for_int32(d):
     q = torch.cat([torch.arange(0, 2000), torch.arange(top // d - 2000, top // d + 1)]).clamp(min=0).unique()
     edges = torch.cat([q * d - 1, q * d, q * d + 1, q * d + d - 1, torch.tensor([0, top])])
     edges = edges[(edges >= 0) & (edges <= top)].to(torch.int32)
-    got = _floor_div(edges, d)
+    (got,) = _floor_div(edges, (d,))
     assert got.dtype == torch.int32
     assert torch.equal(got, torch.div(edges.long(), d, rounding_mode="floor").int())
 
