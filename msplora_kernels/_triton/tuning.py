@@ -324,6 +324,13 @@ _ENTRY_FIELDS = ("gpu", "torch", "triton", "dtype", "n", "k", "ranks", "dropout"
                  "fused_ms", "unfused_ms")
 
 
+def _entry_key(entry: dict) -> Tuple:
+    """The key of a tuning-table entry (its ``ranks`` written "8,4,2"), as ``table_key`` builds a call's."""
+    ranks = [int(r) for r in str(entry["ranks"]).split(",")]
+    return table_key(entry["gpu"], entry["torch"], entry["triton"], entry["dtype"], entry["n"], entry["k"],
+                     ranks, entry["dropout"], entry["m_bucket"], entry["op"])
+
+
 def parse_table(entries: Iterable[dict]) -> Dict[Tuple, bool]:
     """{key: fused path chosen} from tuning-table entries; a malformed entry raises, naming what is wrong."""
     decisions: Dict[Tuple, bool] = {}
@@ -336,9 +343,7 @@ def parse_table(entries: Iterable[dict]) -> Dict[Tuple, bool]:
             raise ValueError(f"tuning table entry {index}: times must be positive, got {fused} and {unfused}")
         if entry["m_bucket"] != m_bucket(int(entry["m_bucket"])):
             raise ValueError(f"tuning table entry {index}: m_bucket {entry['m_bucket']} is not a power of two")
-        ranks = [int(r) for r in str(entry["ranks"]).split(",")]
-        key = table_key(entry["gpu"], entry["torch"], entry["triton"], entry["dtype"], entry["n"], entry["k"],
-                        ranks, entry["dropout"], entry["m_bucket"], entry["op"])
+        key = _entry_key(entry)
         decisions[key] = fused <= FUSED_MIN_GAIN * unfused
     return decisions
 
@@ -398,9 +403,7 @@ def parse_tma_table(entries: Iterable[dict]) -> Dict[Tuple, bool]:
         if entry["op"] != "forward":
             raise ValueError(f"tuning table entry {index}: fused_tma_ms is measured for op 'forward' only, "
                              f"got op {entry['op']!r}")
-        ranks = [int(r) for r in str(entry["ranks"]).split(",")]
-        key = table_key(entry["gpu"], entry["torch"], entry["triton"], entry["dtype"], entry["n"], entry["k"],
-                        ranks, entry["dropout"], entry["m_bucket"], entry["op"])
+        key = _entry_key(entry)
         decisions[key] = (tma <= FUSED_MIN_GAIN * float(entry["unfused_ms"])
                           and tma < float(entry["fused_ms"]))
     return decisions
