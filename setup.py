@@ -13,7 +13,7 @@ setup(
     packages=find_packages(include=["msplora", "msplora.*", "msplora_kernels", "msplora_kernels.*"])
     + ["msplora_benchmarks"],
     package_dir={"msplora_benchmarks": "benchmarks"},
-    package_data={"msplora": ["data/*.txt"]},  # the demo's text (Genesis, King James Version, public domain)
+    package_data={"msplora": ["data/*.txt"], "msplora_kernels": ["_cpu/*.c"]},  # the demo's text (Genesis, King James Version, public domain)
     entry_points={"console_scripts": ["msplora-demo = msplora.demo:main"]},
     python_requires=">=3.9",
     install_requires=[

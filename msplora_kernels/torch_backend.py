@@ -58,6 +58,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
+from . import _cpu
 
 _csr_warning_silenced = [False]
 
@@ -226,6 +227,13 @@ def forward(
     a_scaled = _scaled_rows(a_cat, ranks, coefs)
     s = x @ a_scaled.t()
     if p > 0.0 and x.numel():
+        helper = _helper(x, ranks)
+        if helper is not None:
+            positions = dropped_positions(seed, x.numel() * len(ranks), p, x.device)
+            if keep_positions is not None:
+                keep_positions.append(positions)
+            _helper_forward(helper, positions, x, a_scaled, ranks, s)
+            return _expand(x, weight, bias, b_cat, s)
         dropped, positions = _dropped(x, len(ranks), p, seed)
         if keep_positions is not None:
             keep_positions.append(positions)
@@ -235,6 +243,12 @@ def forward(
             s.addmm_(dropped.csr(work), a_e, alpha=-1.0)
         else:
             s.sub_((dropped.csr(work) @ a_e).to(s.dtype))
+    return _expand(x, weight, bias, b_cat, s)
+
+
+def _expand(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], b_cat: torch.Tensor,
+            s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(x W^T + b + S B^T, S)``, or ``(S B^T, S)`` without a weight."""
     if weight is None:
         return s @ b_cat.t(), s
     y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
@@ -272,6 +286,12 @@ def backward(
     if p > 0.0 and x.numel():
         m, k = x.shape
         n = len(ranks)
+        helper = _helper(x, ranks)
+        if helper is not None:
+            if positions is None:
+                positions = dropped_positions(seed, m * k * n, p, x.device)
+            dat.sub_(_helper_backward(helper, positions, x, a_scaled, ranks, ds, dx).t().to(dat.dtype))
+            return dx, _scaled_rows(dat, ranks, coefs), db
         dropped, _ = _dropped(x, n, p, seed, positions)
         work = _sparse_dtype(x.dtype)
         a_e, ds_w = _interleaved(a_scaled, ranks).to(work), ds.to(work)
@@ -293,3 +313,65 @@ def backward(
         dat.sub_(correction[:, 0].t().to(dat.dtype))
     da = _scaled_rows(dat, ranks, coefs)
     return dx, da, db
+
+
+# ---- the compiled helper (msplora_kernels/_cpu) ---------------------------------------------------------------
+
+_HELPER_TYPES = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
+
+
+def _helper(x: torch.Tensor, ranks: Sequence[int]):
+    """The compiled corrections' pair of functions for x, or None (then the sparse products below run): CPU
+    tensors in fp32, fp64 or bf16, int32 positions (below 2^31 of them), at most 16 branches and rank 4096."""
+    name = _HELPER_TYPES.get(x.dtype)
+    if (name is None or x.device.type != "cpu" or x.numel() * len(ranks) >= 2**31 or len(ranks) > 16
+            or sum(ranks) > 4096):
+        return None
+    lib = _cpu.library()
+    if lib is None:
+        return None
+    return getattr(lib, f"msplora_forward_{name}"), getattr(lib, f"msplora_backward_{name}")
+
+
+def _helper_operands(positions: torch.Tensor, x: torch.Tensor, a_scaled: torch.Tensor, ranks: Sequence[int]):
+    """x contiguous, and A_E (K n, P) in the work dtype (fp64 for fp64 x, else fp32), P = R rounded up to a
+    multiple of 4 with zero columns (the helper's loops run 4 lanes)."""
+    if positions.dtype != torch.int32 or not positions.is_contiguous():
+        raise ValueError("the CPU helper takes contiguous int32 dropped positions")
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    r_total = a_scaled.shape[0]
+    a_e = _interleaved(a_scaled.to(work), ranks)
+    padded = torch.zeros(a_e.shape[0], -(-r_total // 4) * 4, dtype=work)
+    padded[:, :r_total] = a_e
+    return work, x.contiguous(), padded
+
+
+def _helper_forward(helper, positions: torch.Tensor, x: torch.Tensor, a_scaled: torch.Tensor,
+                    ranks: Sequence[int], s: torch.Tensor) -> None:
+    """S -= the dropped elements' part of x A'^T, in place (S: (M, R), contiguous, x's dtype)."""
+    _, xc, a_e = _helper_operands(positions, x, a_scaled, ranks)
+    assert s.is_contiguous() and s.dtype == x.dtype
+    status = helper[0](positions.data_ptr(), positions.numel(), xc.data_ptr(), x.shape[1], len(ranks),
+                       a_e.data_ptr(), s.shape[1], a_e.shape[1], s.data_ptr())
+    if status:
+        raise RuntimeError(f"msplora CPU helper: forward refused its arguments ({status})")
+
+
+def _helper_backward(helper, positions: torch.Tensor, x: torch.Tensor, a_scaled: torch.Tensor,
+                     ranks: Sequence[int], ds: torch.Tensor, dx: Optional[torch.Tensor]) -> torch.Tensor:
+    """dx -= the dropped elements' part of dS A' (in place, when dx is given); returns (K, R) the dropped
+    elements' part of x^T dS, in the work dtype (fp64 for fp64 x, else fp32)."""
+    work, xc, a_e = _helper_operands(positions, x, a_scaled, ranks)
+    ds = ds.contiguous()
+    assert ds.dtype == x.dtype and (dx is None or (dx.is_contiguous() and dx.dtype == x.dtype))
+    d_a_e = torch.zeros(a_e.shape, dtype=work)
+    r_total, k, n = ds.shape[1], x.shape[1], len(ranks)
+    status = helper[1](positions.data_ptr(), positions.numel(), xc.data_ptr(), k, n, a_e.data_ptr(), r_total,
+                       a_e.shape[1], ds.data_ptr(), None if dx is None else dx.data_ptr(), d_a_e.data_ptr())
+    if status:
+        raise RuntimeError(f"msplora CPU helper: backward refused its arguments ({status})")
+    d_a_e = d_a_e[:, :r_total]
+    if n == 1:
+        return d_a_e
+    # row j n + s of dA_E holds x^T dS's dropped part for branch s in s's columns (others are not wanted)
+    return (d_a_e.view(k, n, r_total) * _owner_mask(tuple(ranks), work, x.device)).sum(1)

@@ -5,17 +5,31 @@ Statistical bounds: a count of n independent Bernoulli(q) events has sd = sqrt(n
 6 sd (plus 1 for the discreteness of small counts). A correct sampler fails one such check with probability
 about 2e-9, so the ~40 checks here flake less than once in 10^7 runs, while a sampler off by 1% of p at
 n p = 10^5 (sd 316) is outside 6 sd. Seeds are fixed, so a run is reproducible anyway.
+
+Every test runs twice: with the compiled CPU helper (``msplora_kernels._cpu``) and with the PyTorch sparse
+products it replaces where no C compiler is found.
 """
 import math
+import os
+import shutil
 
 import pytest
 import torch
 
 from msplora import LoraBranch, MSPLoraLinear
-from msplora_kernels import msplora_linear, msplora_linear_ref, torch_backend
+from msplora_kernels import _cpu, msplora_linear, msplora_linear_ref, torch_backend
 
 RANKS = [(8, 4, 2), (5, 3, 1), (0, 0, 6), (16, 0, 3)]
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, params=["helper", "sparse"])
+def cpu_path(request, monkeypatch):
+    """The compiled helper (a failed build is an error) or the sparse products."""
+    if request.param == "helper" and shutil.which(os.environ.get("CC") or "cc") is None:
+        pytest.skip("no C compiler here: the helper path cannot be built")
+    monkeypatch.setenv(_cpu.ENV_VAR, "1" if request.param == "helper" else "0")
+    return request.param
 
 
 def within(count: float, n: int, q: float, sds: float = 6.0) -> bool:

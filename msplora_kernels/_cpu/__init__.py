@@ -1,0 +1,105 @@
+"""The PyTorch backend's compiled helper: the dropout corrections of ``dropout_correction.c`` on CPU tensors.
+
+The C file is compiled on first use with the machine's C compiler (``$CC``, else ``cc``; plain C, no PyTorch
+headers: about a second) into ``<$MSPLORA_CACHE or ~/.cache/msplora>/cpu/<source hash>/``, written
+atomically, and loaded with ctypes: as Triton builds its own launcher. Where no compiler works, the backend
+runs the same corrections as PyTorch sparse products (same masks, same maths, slower) after one warning.
+``MSPLORA_CPU_EXT=0`` chooses that path; ``1`` makes a failed build an error instead of a warning.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from typing import Optional
+
+ENV_VAR = "MSPLORA_CPU_EXT"
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dropout_correction.c")
+_FLAGS = ["-O3", "-fPIC", "-shared", "-std=c99", "-fno-math-errno"]
+_lock = threading.Lock()
+_state = {"lib": None, "tried": False}
+_TYPES = ("f32", "f64", "bf16")
+
+
+def _setting() -> str:
+    value = os.environ.get(ENV_VAR, "auto")
+    if value not in ("auto", "0", "1"):
+        raise ValueError(f"${ENV_VAR} must be auto, 0 or 1, got {value!r}")
+    return value
+
+
+def _build_dir(source: bytes, compiler: str) -> str:
+    tag = hashlib.sha256(source + " ".join([compiler, *_FLAGS, platform.machine()]).encode()).hexdigest()[:16]
+    root = os.environ.get("MSPLORA_CACHE") or os.path.join("~", ".cache", "msplora")
+    return os.path.join(os.path.abspath(os.path.expanduser(root)), "cpu", tag)
+
+
+def _compile(source_path: str, target: str, compiler: str) -> None:
+    folder = os.path.dirname(target)
+    os.makedirs(folder, exist_ok=True)
+    fd, partial = tempfile.mkstemp(suffix=".so.partial", dir=folder)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *_FLAGS, source_path, "-o", partial], capture_output=True, text=True,
+                              timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+        os.replace(partial, target)  # atomic: concurrent builders each write a whole file
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    for name in _TYPES:
+        fwd = getattr(lib, f"msplora_forward_{name}")
+        fwd.argtypes = [p, i64, p, i64, i64, p, i64, i64, p]
+        fwd.restype = ctypes.c_int
+        bwd = getattr(lib, f"msplora_backward_{name}")
+        bwd.argtypes = [p, i64, p, i64, i64, p, i64, i64, p, p, p]
+        bwd.restype = ctypes.c_int
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The compiled helper, built on the first call; None where ``MSPLORA_CPU_EXT=0`` or it cannot be built."""
+    setting = _setting()
+    if setting == "0":
+        return None
+    if _state["tried"]:
+        return _state["lib"]
+    with _lock:
+        if _state["tried"]:
+            return _state["lib"]
+        compiler = os.environ.get("CC") or "cc"
+        try:
+            if shutil.which(compiler) is None:
+                raise RuntimeError(f"no C compiler {compiler!r} on PATH (set $CC)")
+            with open(_SOURCE, "rb") as f:
+                source = f.read()
+            target = os.path.join(_build_dir(source, compiler), "libmsplora_cpu.so")
+            if not os.path.exists(target):
+                _compile(_SOURCE, target, compiler)
+            lib = ctypes.CDLL(target)
+            _declare(lib)
+        except Exception as exc:  # noqa: BLE001 - any failure means the PyTorch path, said once
+            if setting == "1":
+                raise RuntimeError(f"msplora: building the CPU dropout helper failed: {exc}") from exc
+            warnings.warn(f"msplora: the CPU dropout helper could not be built ({exc}); dropout on the CPU uses "
+                          f"PyTorch sparse products instead (same results, slower). Set {ENV_VAR}=0 to silence "
+                          "this.", RuntimeWarning, stacklevel=3)
+            lib = None
+        _state["lib"], _state["tried"] = lib, True
+        return lib
+
+
+def reset() -> None:
+    """Forget the loaded helper (tests: the next ``library()`` looks again)."""
+    with _lock:
+        _state["lib"], _state["tried"] = None, False

@@ -1,0 +1,152 @@
+"""The compiled CPU helper (``msplora_kernels/_cpu``) against the PyTorch sparse products it replaces: the same
+dropped positions (both draw them from the seed), so the same maths; and its build: cached, atomic, with one
+warning and the sparse path where no compiler works.
+
+Tolerances: fp64 results agree to a few ulps of the largest term (the sums run in another order); fp32 and bf16
+results are judged against the fp64 result by the error-ratio rule: within twice the sparse path's own error
+plus a floor of a few ulps of the largest value.
+"""
+import os
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from msplora_kernels import _cpu, torch_backend
+
+CPU = torch.device("cpu")
+FLOOR = {torch.float32: 4 * 2.0**-24, torch.bfloat16: 4 * 2.0**-8}
+needs_cc = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler here")
+
+
+def problem(m, k, n, ranks, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = sum(ranks)
+    x = torch.randn(m, k, generator=g, dtype=torch.float64)
+    weight = torch.randn(n, k, generator=g, dtype=torch.float64) / k**0.5
+    bias = torch.randn(n, generator=g, dtype=torch.float64)
+    a = torch.randn(r, k, generator=g, dtype=torch.float64)
+    b = torch.randn(n, r, generator=g, dtype=torch.float64)
+    dy = torch.randn(m, n, generator=g, dtype=torch.float64)
+    return x, weight, bias, a, b, dy
+
+
+def run(monkeypatch, path, dtype, tensors, ranks, p, seed=99, with_weight=True, need_dx=True):
+    """(y, S, dx, dA, dB) of the PyTorch backend on ``path`` ("helper", "sparse" or "auto")."""
+    monkeypatch.setenv(_cpu.ENV_VAR, {"helper": "1", "sparse": "0", "auto": "auto"}[path])
+    x, weight, bias, a, b, dy = (t.to(dtype) for t in tensors)
+    if not with_weight:
+        weight = bias = None
+    scalings = [16.0 / max(r, 1) for r in ranks]
+    kept = []
+    y, s = torch_backend.forward(x, weight, bias, a, b, ranks, scalings, p, seed, keep_positions=kept)
+    dx, da, db = torch_backend.backward(dy, x, s, weight, a, b, ranks, scalings, p, seed, need_dx,
+                                        positions=kept[0])
+    return y, s, dx, da, db
+
+
+SHAPES = [(37, 72, 50, (8, 4, 2)), (37, 72, 50, (5, 3, 1)), (16, 33, 9, (0, 0, 6)), (20, 72, 50, (16, 0, 3)),
+          (5, 7, 4, (3,)), (1, 130, 3, (2, 2, 2, 2, 2))]
+
+
+@needs_cc
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_the_helper_equals_the_sparse_products_in_fp64(monkeypatch, shape, p):
+    m, k, n, ranks = shape
+    tensors = problem(m, k, n, ranks)
+    got = run(monkeypatch, "helper", torch.float64, tensors, ranks, p)
+    want = run(monkeypatch, "sparse", torch.float64, tensors, ranks, p)
+    for name, g, w in zip(["y", "S", "dx", "dA", "dB"], got, want):
+        scale = max(w.abs().max().item(), 1.0)
+        torch.testing.assert_close(g, w, rtol=0, atol=64 * 2.0**-52 * scale, msg=name)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=str)
+def test_the_helper_is_as_accurate_as_the_sparse_products_in_low_precision(monkeypatch, shape, dtype):
+    m, k, n, ranks = shape
+    tensors = problem(m, k, n, ranks, seed=3)
+    exact = run(monkeypatch, "helper", torch.float64, tensors, ranks, 0.3)
+    got = run(monkeypatch, "helper", dtype, tensors, ranks, 0.3)
+    theirs = run(monkeypatch, "sparse", dtype, tensors, ranks, 0.3)
+    for name, g, t, e in zip(["y", "S", "dx", "dA", "dB"], got, theirs, exact):
+        assert g.dtype == dtype, name
+        ours = (g.double() - e).abs().max().item()
+        sparse = (t.double() - e).abs().max().item()
+        floor = FLOOR[dtype] * max(e.abs().max().item(), 1.0)
+        assert ours <= 2 * sparse + floor, f"{name}: error {ours:.3g} vs the sparse path's {sparse:.3g}"
+
+
+@needs_cc
+@pytest.mark.parametrize("with_weight,need_dx", [(False, True), (True, False), (False, False)])
+def test_the_lowrank_term_alone_and_no_dx(monkeypatch, with_weight, need_dx):
+    tensors = problem(37, 72, 50, (8, 4, 2))
+    got = run(monkeypatch, "helper", torch.float64, tensors, (8, 4, 2), 0.2, with_weight=with_weight,
+              need_dx=need_dx)
+    want = run(monkeypatch, "sparse", torch.float64, tensors, (8, 4, 2), 0.2, with_weight=with_weight,
+               need_dx=need_dx)
+    assert (got[2] is None) == (not need_dx)
+    for name, g, w in zip(["y", "S", "dx", "dA", "dB"], got, want):
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@needs_cc
+def test_the_helper_is_built_once_into_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("MSPLORA_CACHE", str(tmp_path))
+    monkeypatch.setenv(_cpu.ENV_VAR, "1")
+    _cpu.reset()
+    try:
+        assert _cpu.library() is not None
+        built = list(tmp_path.glob("cpu/*/libmsplora_cpu.so"))
+        assert len(built) == 1 and not list(tmp_path.glob("cpu/*/*.partial"))
+        stamp = built[0].stat().st_mtime_ns
+        _cpu.reset()
+        assert _cpu.library() is not None and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    finally:
+        _cpu.reset()
+
+
+def test_without_a_compiler_one_warning_and_the_sparse_path(monkeypatch, tmp_path):
+    monkeypatch.setenv("MSPLORA_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv(_cpu.ENV_VAR, "auto")
+    tensors = problem(37, 72, 50, (8, 4, 2))
+    _cpu.reset()
+    try:
+        with pytest.warns(RuntimeWarning, match="no-such-cc"):
+            got = run(monkeypatch, "auto", torch.float64, tensors, (8, 4, 2), 0.3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # said once
+            again = run(monkeypatch, "auto", torch.float64, tensors, (8, 4, 2), 0.3)
+        want = run(monkeypatch, "sparse", torch.float64, tensors, (8, 4, 2), 0.3)
+        for g, a, w in zip(got, again, want):
+            assert torch.equal(g, w) and torch.equal(a, w)
+        assert not list(tmp_path.glob("cpu/*/*"))  # nothing half-written left behind
+    finally:
+        _cpu.reset()
+
+
+def test_a_failed_build_is_an_error_when_asked_for(monkeypatch, tmp_path):
+    monkeypatch.setenv("MSPLORA_CACHE", str(tmp_path))
+    fake = tmp_path / "broken-cc"
+    fake.write_text("#!/bin/sh\necho 'broken-cc: cannot compile' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv(_cpu.ENV_VAR, "1")
+    _cpu.reset()
+    try:
+        with pytest.raises(RuntimeError, match="cannot compile"):
+            _cpu.library()
+        assert not list(tmp_path.glob("cpu/*/*"))
+    finally:
+        _cpu.reset()
+
+
+def test_an_unknown_setting_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv(_cpu.ENV_VAR, "yes")
+    with pytest.raises(ValueError, match=_cpu.ENV_VAR):
+        _cpu.library()
