@@ -51,7 +51,9 @@ masks would (p n M K nonzeros); the layer stays correct, only p <= ~0.2 is what 
 """
 from __future__ import annotations
 
+import ctypes
 import functools
+import itertools
 import math
 import warnings
 from typing import List, NamedTuple, Optional, Sequence, Tuple
@@ -113,6 +115,7 @@ def dropped_positions(seed: int, total: int, p: float, device: torch.device,
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     inv_log = 1.0 / math.log1p(-p)
+    lib = _cpu.library() if device.type == "cpu" and dtype == torch.int32 else None
     chunks: List[torch.Tensor] = []
     start = 0  # the first position the next chunk may take
     while start < total:
@@ -120,7 +123,15 @@ def dropped_positions(seed: int, total: int, p: float, device: torch.device,
         n = max(16, int(mean + _DRAW_MARGIN_SD * math.sqrt(mean) + 16))
         # u in [2^-60, 1) keeps log(u) finite; ceil(log u / log(1 - p)) >= 1 is the geometric gap
         gaps = torch.empty(n, dtype=torch.float64, device=device).uniform_(_U_LOW, 1.0, generator=generator)
-        gaps = gaps.log_().mul_(inv_log).ceil_()
+        gaps.log_()
+        if lib is not None:  # the same operations below in one pass (the same bits: integers below 2^53)
+            out, last = torch.empty(n, dtype=torch.int32), ctypes.c_double()
+            made = lib.msplora_gap_positions(gaps.data_ptr(), n, inv_log, start, total, int(p < 1e-15),
+                                             out.data_ptr(), ctypes.byref(last))
+            chunks.append(out[:made])
+            start = int(last.value) + 1
+            continue
+        gaps.mul_(inv_log).ceil_()
         if p < 1e-15:  # gaps beyond 2^53 are possible only for such p; total + 1 lands past the end
             gaps.clamp_(max=float(total) + 1.0)
         gaps[:1].add_(start - 1)
@@ -290,7 +301,7 @@ def backward(
         if helper is not None:
             if positions is None:
                 positions = dropped_positions(seed, m * k * n, p, x.device)
-            dat.sub_(_helper_backward(helper, positions, x, a_scaled, ranks, ds, dx).t().to(dat.dtype))
+            _helper_backward(helper, positions, x, a_scaled, ranks, ds, dx, dat)
             return dx, _scaled_rows(dat, ranks, coefs), db
         dropped, _ = _dropped(x, n, p, seed, positions)
         work = _sparse_dtype(x.dtype)
@@ -333,45 +344,39 @@ def _helper(x: torch.Tensor, ranks: Sequence[int]):
     return getattr(lib, f"msplora_forward_{name}"), getattr(lib, f"msplora_backward_{name}")
 
 
-def _helper_operands(positions: torch.Tensor, x: torch.Tensor, a_scaled: torch.Tensor, ranks: Sequence[int]):
-    """x contiguous, and A_E (K n, P) in the work dtype (fp64 for fp64 x, else fp32), P = R rounded up to a
-    multiple of 4 with zero columns (the helper's loops run 4 lanes)."""
+@functools.lru_cache(maxsize=256)
+def _offsets_tensor(ranks: Tuple[int, ...]) -> torch.Tensor:
+    """Branch s's columns are offsets[s] .. offsets[s + 1] (int64, CPU; cached, never written to)."""
+    return torch.tensor([0, *itertools.accumulate(ranks)], dtype=torch.int64)
+
+
+def _check_positions(positions: torch.Tensor) -> None:
     if positions.dtype != torch.int32 or not positions.is_contiguous():
         raise ValueError("the CPU helper takes contiguous int32 dropped positions")
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    r_total = a_scaled.shape[0]
-    a_e = _interleaved(a_scaled.to(work), ranks)
-    padded = torch.zeros(a_e.shape[0], -(-r_total // 4) * 4, dtype=work)
-    padded[:, :r_total] = a_e
-    return work, x.contiguous(), padded
 
 
 def _helper_forward(helper, positions: torch.Tensor, x: torch.Tensor, a_scaled: torch.Tensor,
                     ranks: Sequence[int], s: torch.Tensor) -> None:
     """S -= the dropped elements' part of x A'^T, in place (S: (M, R), contiguous, x's dtype)."""
-    _, xc, a_e = _helper_operands(positions, x, a_scaled, ranks)
-    assert s.is_contiguous() and s.dtype == x.dtype
+    _check_positions(positions)
+    xc, a = x.contiguous(), a_scaled.contiguous()
+    assert s.is_contiguous() and s.dtype == x.dtype == a.dtype
     status = helper[0](positions.data_ptr(), positions.numel(), xc.data_ptr(), x.shape[1], len(ranks),
-                       a_e.data_ptr(), s.shape[1], a_e.shape[1], s.data_ptr())
+                       _offsets_tensor(tuple(ranks)).data_ptr(), a.data_ptr(), s.data_ptr(), torch.get_num_threads())
     if status:
-        raise RuntimeError(f"msplora CPU helper: forward refused its arguments ({status})")
+        raise RuntimeError(f"msplora CPU helper: forward failed ({'out of memory' if status == 2 else status})")
 
 
 def _helper_backward(helper, positions: torch.Tensor, x: torch.Tensor, a_scaled: torch.Tensor,
-                     ranks: Sequence[int], ds: torch.Tensor, dx: Optional[torch.Tensor]) -> torch.Tensor:
-    """dx -= the dropped elements' part of dS A' (in place, when dx is given); returns (K, R) the dropped
-    elements' part of x^T dS, in the work dtype (fp64 for fp64 x, else fp32)."""
-    work, xc, a_e = _helper_operands(positions, x, a_scaled, ranks)
-    ds = ds.contiguous()
-    assert ds.dtype == x.dtype and (dx is None or (dx.is_contiguous() and dx.dtype == x.dtype))
-    d_a_e = torch.zeros(a_e.shape, dtype=work)
-    r_total, k, n = ds.shape[1], x.shape[1], len(ranks)
-    status = helper[1](positions.data_ptr(), positions.numel(), xc.data_ptr(), k, n, a_e.data_ptr(), r_total,
-                       a_e.shape[1], ds.data_ptr(), None if dx is None else dx.data_ptr(), d_a_e.data_ptr())
+                     ranks: Sequence[int], ds: torch.Tensor, dx: Optional[torch.Tensor], dat: torch.Tensor) -> None:
+    """In place: dx -= the dropped elements' part of dS A' (when dx is given), dat (R, K) -= theirs of
+    dS^T x. Every tensor in x's dtype."""
+    _check_positions(positions)
+    xc, a, ds = x.contiguous(), a_scaled.contiguous(), ds.contiguous()
+    assert ds.dtype == x.dtype == a.dtype == dat.dtype and dat.is_contiguous()
+    assert dx is None or (dx.is_contiguous() and dx.dtype == x.dtype)
+    status = helper[1](positions.data_ptr(), positions.numel(), xc.data_ptr(), x.shape[1], len(ranks),
+                       _offsets_tensor(tuple(ranks)).data_ptr(), a.data_ptr(), ds.data_ptr(),
+                       None if dx is None else dx.data_ptr(), dat.data_ptr(), torch.get_num_threads())
     if status:
-        raise RuntimeError(f"msplora CPU helper: backward refused its arguments ({status})")
-    d_a_e = d_a_e[:, :r_total]
-    if n == 1:
-        return d_a_e
-    # row j n + s of dA_E holds x^T dS's dropped part for branch s in s's columns (others are not wanted)
-    return (d_a_e.view(k, n, r_total) * _owner_mask(tuple(ranks), work, x.device)).sum(1)
+        raise RuntimeError(f"msplora CPU helper: backward failed ({'out of memory' if status == 2 else status})")

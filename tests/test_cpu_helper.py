@@ -150,3 +150,20 @@ def test_an_unknown_setting_is_refused_by_name(monkeypatch):
     monkeypatch.setenv(_cpu.ENV_VAR, "yes")
     with pytest.raises(ValueError, match=_cpu.ENV_VAR):
         _cpu.library()
+
+
+@needs_cc
+@pytest.mark.parametrize("short_first_draw", [False, True])
+@pytest.mark.parametrize("p", [1e-4, 0.05, 0.3, 0.9])
+def test_the_helper_draws_the_same_positions_as_pytorch(monkeypatch, p, short_first_draw):
+    """The gaps' running sum in C is bit for bit PyTorch's (the same fp64 operations on integers below 2^53),
+    also when the first draw falls short and the stream continues."""
+    if short_first_draw:
+        monkeypatch.setattr(torch_backend, "_DRAW_MARGIN_SD", -8.0)
+    for total in (1, 37 * 72 * 3, 200_003):
+        drawn = {}
+        for setting in ("1", "0"):
+            monkeypatch.setenv(_cpu.ENV_VAR, setting)
+            drawn[setting] = torch_backend.dropped_positions(5, total, p, CPU)
+        assert drawn["1"].dtype == drawn["0"].dtype == torch.int32
+        assert torch.equal(drawn["1"], drawn["0"]), (p, total)

@@ -21,7 +21,7 @@ from typing import Optional
 
 ENV_VAR = "MSPLORA_CPU_EXT"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dropout_correction.c")
-_FLAGS = ["-O3", "-fPIC", "-shared", "-std=c99", "-fno-math-errno"]
+_FLAGS = ["-O3", "-fPIC", "-shared", "-std=c99", "-pthread", "-fno-math-errno", "-ffp-contract=off"]
 _lock = threading.Lock()
 _state = {"lib": None, "tried": False}
 _TYPES = ("f32", "f64", "bf16")
@@ -46,7 +46,7 @@ def _compile(source_path: str, target: str, compiler: str) -> None:
     fd, partial = tempfile.mkstemp(suffix=".so.partial", dir=folder)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *_FLAGS, source_path, "-o", partial], capture_output=True, text=True,
+        done = subprocess.run([compiler, *_FLAGS, source_path, "-o", partial, "-lm"], capture_output=True, text=True,
                               timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
@@ -60,11 +60,14 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     for name in _TYPES:
         fwd = getattr(lib, f"msplora_forward_{name}")
-        fwd.argtypes = [p, i64, p, i64, i64, p, i64, i64, p]
+        fwd.argtypes = [p, i64, p, i64, i64, p, p, p, i64]
         fwd.restype = ctypes.c_int
         bwd = getattr(lib, f"msplora_backward_{name}")
-        bwd.argtypes = [p, i64, p, i64, i64, p, i64, i64, p, p, p]
+        bwd.argtypes = [p, i64, p, i64, i64, p, p, p, p, p, i64]
         bwd.restype = ctypes.c_int
+    gaps = lib.msplora_gap_positions
+    gaps.argtypes = [p, i64, ctypes.c_double, i64, i64, ctypes.c_int, p, ctypes.POINTER(ctypes.c_double)]
+    gaps.restype = i64
 
 
 def library() -> Optional[ctypes.CDLL]:
