@@ -18,17 +18,27 @@ splits into the p = 0 dense computation minus a correction that touches only the
     dx  = dy W + dS A' - sum_s E_s * (dS_s A'_s)                                        (M, K)
     dA_s = c_s (dS_s^T x - dS_s^T (E_s * x))                                            (r_s, K)
 
-The corrections are sparse products over one index space that interleaves the branches,
-f = (i K + j) n + s for element (i, j) of branch s: the dropped set is one sparse (M, K n) matrix X_E with
-X_E[i, j n + s] = x[i, j] (a CSR matrix, since the positions come out sorted), and A' is laid out to match
-as the (K n, R) matrix A_E with A_E[j n + s, cols of s] = A'_s[:, j] and zeros elsewhere. Then
+The corrections run over one index space that interleaves the branches, f = (i K + j) n + s for element (i, j)
+of branch s, with A' laid out to match as the (K n, R) matrix A_E, A_E[j n + s, cols of s] = A'_s[:, j] and zeros
+elsewhere: position f's row of A_E is f - i K n. Two implementations of the same sums, chosen per call:
+
+* **the compiled helper** (``msplora_kernels/_cpu``, CPU tensors in fp32, fp64 or bf16; built on first use with
+  the machine's C compiler): one pass over the sorted positions in forward (C[i, :] += x[i, j] A_E[f - i K n, :])
+  and one in backward (dx[i, j] -= dS[i, :] . A_E[f - i K n, :] and G[f - i K n, :] += x[i, j] dS[i, :], then
+  dA's correction from G's owned columns), rows split over ``torch.get_num_threads()`` threads, plus the draw's
+  running sum (below). ``dropout_correction.c`` has the loop details.
+* **PyTorch sparse products** (other dtypes, other devices, no compiler, or ``MSPLORA_CPU_EXT=0``): the dropped
+  set as one sparse (M, K n) CSR matrix X_E with X_E[i, j n + s] = x[i, j] (the positions come out sorted), and
 
     C       = X_E A_E                                 one CSR x dense product
     dx corr = the values of dS A_E^T sampled at X_E's pattern, added at (i, j)   (torch.sparse.sampled_addmm)
     dA corr = sum over s of the s-blocks of X_E^T dS  one CSR x dense product on the transposed pattern
 
-and the transposed pattern is X_E's positions sorted (stably) by column. The dense terms are the p = 0
-kernels: one shrink for all branches, one expand, and in backward dS, dB, dS A' and dS^T x, also once.
+  where the transposed pattern is X_E's positions sorted (stably) by column.
+
+Both draw the same positions (the same bits), so they give the same masks; they differ only in the order of
+their sums. The dense terms are the p = 0 kernels: one shrink for all branches, one expand, and in backward dS,
+dB, dS A' and dS^T x, also once.
 
 Drawing the dropped set: the gaps between consecutive dropped positions of an i.i.d. Bernoulli(p) sequence
 are i.i.d. geometric, P(gap = g) = (1 - p)^(g - 1) p, so positions = cumsum(gaps) - 1 with
@@ -42,12 +52,14 @@ dropped copy of x); through the contract alone (the custom ops under ``torch.com
 again from the seed. Nothing of size M x K is saved besides x itself. ``dropout_masks`` turns the positions
 into dense masks, for tests.
 
-Cost at p = 0.05 with three branches, per element of x: 0.15 uniform draws and a dozen passes over 0.15-long
-index arrays in forward (draw, CSR indices, gather, one CSR product), about as many in backward (sampled
-product, scatter into dx, a stable 16-bit sort for the transposed pattern, one CSR product); against the
-p = 0 layer, whose GEMMs are 2 (K + N) + 4 R multiply-adds per element. The corrections run in fp32 for fp16
-and bf16 inputs (the CPU has no half-precision CSR kernels). For large p the corrections cost more than dense
-masks would (p n M K nonzeros); the layer stays correct, only p <= ~0.2 is what this path is tuned for.
+Cost at p = 0.05 with three branches, per element of x: 0.15 uniform draws (PyTorch's generator) and logs,
+then in the helper one pass over the 0.15 positions per element in forward and one in backward, each doing about
+P = R rounded up to 4 multiply-adds (twice that in backward) from a (K n, P) table; against the p = 0 layer,
+whose GEMMs are 2 (K + N) + 4 R multiply-adds per element. The sparse products instead make a dozen passes
+over 0.15-long index arrays each way (CSR indices, gathers, a stable 16-bit sort for the transposed pattern)
+and run in fp32 for fp16 and bf16 inputs (the CPU has no half-precision CSR kernels). For large p the
+corrections cost more than dense masks would (p n M K entries); the layer stays correct, only p <= ~0.2 is
+what this path is tuned for.
 """
 from __future__ import annotations
 
