@@ -8,6 +8,7 @@ plus a floor of a few ulps of the largest value.
 """
 import os
 import shutil
+import sys
 import warnings
 
 import pytest
@@ -167,3 +168,63 @@ def test_the_helper_draws_the_same_positions_as_pytorch(monkeypatch, p, short_fi
             drawn[setting] = torch_backend.dropped_positions(5, total, p, CPU)
         assert drawn["1"].dtype == drawn["0"].dtype == torch.int32
         assert torch.equal(drawn["1"], drawn["0"]), (p, total)
+
+
+@needs_cc
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_rows_split_over_threads_give_the_sparse_products(monkeypatch, threads):
+    """Enough dropped positions for several workers (each owns whole rows; at least 16384 positions each): the
+    same results as the sparse products in fp64, and S and dx bit for bit those of one thread (per row, in
+    order); dA sums the workers' partial G in another order (a few ulps)."""
+    m, k, n, ranks = 401, 150, 50, (8, 4, 2)  # p = 0.3: about 54K dropped positions
+    tensors = problem(m, k, n, ranks)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run(monkeypatch, "helper", torch.float64, tensors, ranks, 0.3)
+        torch.set_num_threads(threads)
+        got = run(monkeypatch, "helper", torch.float64, tensors, ranks, 0.3)
+    finally:
+        torch.set_num_threads(before)
+    want = run(monkeypatch, "sparse", torch.float64, tensors, ranks, 0.3)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=64 * 2.0**-52 * w.abs().max().item())
+    for i in (0, 1, 2):  # y, S, dx
+        assert torch.equal(got[i], single[i])
+
+
+@needs_cc
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not _cpu._torch_uses_openmp(),
+                    reason="PyTorch here does not run on OpenMP (or /proc/self/maps is missing)")
+def test_the_openmp_build_runs_in_pytorchs_own_libgomp(monkeypatch):
+    """Where PyTorch uses OpenMP the helper is built with it and shares PyTorch's libgomp (one copy loaded),
+    so its parallel loops run on PyTorch's thread pool."""
+    monkeypatch.setenv(_cpu.ENV_VAR, "1")
+    _cpu.reset()
+    try:
+        assert _cpu.library() is not None
+        assert "-fopenmp" in _cpu.build_flags()
+        with open("/proc/self/maps") as maps:
+            copies = {line.split()[-1] for line in maps if "libgomp" in line}
+        assert len(copies) == 1, copies
+    finally:
+        _cpu.reset()
+
+
+@needs_cc
+def test_a_compiler_without_openmp_gets_the_pthreads_build(monkeypatch, tmp_path):
+    monkeypatch.setenv("MSPLORA_CACHE", str(tmp_path))
+    monkeypatch.setattr(_cpu, "_OPENMP", "-fno-such-option-for-msplora")
+    monkeypatch.setattr(_cpu, "_torch_uses_openmp", lambda: True)
+    tensors = problem(401, 150, 50, (8, 4, 2))
+    _cpu.reset()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no warning: the helper works, without OpenMP
+            got = run(monkeypatch, "helper", torch.float64, tensors, (8, 4, 2), 0.3)
+        assert _cpu.build_flags() == _cpu._FLAGS
+    finally:
+        _cpu.reset()
+    want = run(monkeypatch, "sparse", torch.float64, tensors, (8, 4, 2), 0.3)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=64 * 2.0**-52 * w.abs().max().item())

@@ -5,6 +5,10 @@ headers: about a second) into ``<$MSPLORA_CACHE or ~/.cache/msplora>/cpu/<source
 atomically, and loaded with ctypes: as Triton builds its own launcher. Where no compiler works, the backend
 runs the same corrections as PyTorch sparse products (same masks, same maths, slower) after one warning.
 ``MSPLORA_CPU_EXT=0`` chooses that path; ``1`` makes a failed build an error instead of a warning.
+
+Where PyTorch runs its CPU ops on OpenMP (the Linux wheels), the helper is built with ``-fopenmp`` and its
+threads are PyTorch's own pool (``torch.get_num_threads()`` of them): the dynamic loader resolves its
+``libgomp.so.1`` to the copy PyTorch loaded. A compiler without OpenMP gets the pthreads build instead.
 """
 from __future__ import annotations
 
@@ -22,8 +26,9 @@ from typing import Optional
 ENV_VAR = "MSPLORA_CPU_EXT"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dropout_correction.c")
 _FLAGS = ["-O3", "-fPIC", "-shared", "-std=c99", "-pthread", "-fno-math-errno", "-ffp-contract=off"]
+_OPENMP = "-fopenmp"
 _lock = threading.Lock()
-_state = {"lib": None, "tried": False}
+_state = {"lib": None, "tried": False, "flags": None}
 _TYPES = ("f32", "f64", "bf16")
 
 
@@ -34,19 +39,25 @@ def _setting() -> str:
     return value
 
 
-def _build_dir(source: bytes, compiler: str) -> str:
-    tag = hashlib.sha256(source + " ".join([compiler, *_FLAGS, platform.machine()]).encode()).hexdigest()[:16]
+def _torch_uses_openmp() -> bool:
+    import torch
+
+    return "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
+def _build_dir(source: bytes, compiler: str, flags) -> str:
+    tag = hashlib.sha256(source + " ".join([compiler, *flags, platform.machine()]).encode()).hexdigest()[:16]
     root = os.environ.get("MSPLORA_CACHE") or os.path.join("~", ".cache", "msplora")
     return os.path.join(os.path.abspath(os.path.expanduser(root)), "cpu", tag)
 
 
-def _compile(source_path: str, target: str, compiler: str) -> None:
+def _compile(source_path: str, target: str, compiler: str, flags) -> None:
     folder = os.path.dirname(target)
     os.makedirs(folder, exist_ok=True)
     fd, partial = tempfile.mkstemp(suffix=".so.partial", dir=folder)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *_FLAGS, source_path, "-o", partial, "-lm"], capture_output=True, text=True,
+        done = subprocess.run([compiler, *flags, source_path, "-o", partial, "-lm"], capture_output=True, text=True,
                               timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
@@ -70,6 +81,23 @@ def _declare(lib: ctypes.CDLL) -> None:
     gaps.restype = i64
 
 
+def _load(source: bytes, compiler: str) -> ctypes.CDLL:
+    """The built library: the OpenMP build where PyTorch uses OpenMP and the compiler has it, else plain."""
+    candidates = [[*_FLAGS, _OPENMP], _FLAGS] if _torch_uses_openmp() else [_FLAGS]
+    for i, flags in enumerate(candidates):
+        target = os.path.join(_build_dir(source, compiler, flags), "libmsplora_cpu.so")
+        try:
+            if not os.path.exists(target):
+                _compile(_SOURCE, target, compiler, flags)
+        except RuntimeError:
+            if i == len(candidates) - 1:
+                raise
+            continue  # no OpenMP in this compiler: the pthreads build
+        _state["flags"] = list(flags)
+        return ctypes.CDLL(target)
+    raise AssertionError("unreachable")
+
+
 def library() -> Optional[ctypes.CDLL]:
     """The compiled helper, built on the first call; None where ``MSPLORA_CPU_EXT=0`` or it cannot be built."""
     setting = _setting()
@@ -86,10 +114,7 @@ def library() -> Optional[ctypes.CDLL]:
                 raise RuntimeError(f"no C compiler {compiler!r} on PATH (set $CC)")
             with open(_SOURCE, "rb") as f:
                 source = f.read()
-            target = os.path.join(_build_dir(source, compiler), "libmsplora_cpu.so")
-            if not os.path.exists(target):
-                _compile(_SOURCE, target, compiler)
-            lib = ctypes.CDLL(target)
+            lib = _load(source, compiler)
             _declare(lib)
         except Exception as exc:  # noqa: BLE001 - any failure means the PyTorch path, said once
             if setting == "1":
@@ -102,7 +127,13 @@ def library() -> Optional[ctypes.CDLL]:
         return lib
 
 
+def build_flags() -> Optional[list]:
+    """The compiler flags of the loaded helper (``-fopenmp`` among them for the OpenMP build); None before a
+    successful ``library()``."""
+    return _state["flags"] if _state["lib"] is not None else None
+
+
 def reset() -> None:
     """Forget the loaded helper (tests: the next ``library()`` looks again)."""
     with _lock:
-        _state["lib"], _state["tried"] = None, False
+        _state["lib"], _state["tried"], _state["flags"] = None, False, None

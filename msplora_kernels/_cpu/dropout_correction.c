@@ -6,7 +6,8 @@
  * columns off[s] .. off[s + 1] and zeros elsewhere (A' (R, K) = the coefficient-scaled A; P = R padded to a
  * multiple of 4 with zero columns), built here in the work type W (double for double x, else float). Every
  * position then runs the same P-long loop (no branch on s: a data-dependent trip count mispredicts about once
- * per position), with P a compile-time constant for P <= 16 (the accumulators stay in registers):
+ * per position), with P a compile-time constant for P <= 16, in vectors of four (the accumulators and the
+ * row of dS stay in registers; a runtime bound or scalar lanes kept them in memory, 2x slower):
  *
  *   forward:   S[i, t]        -= x[i, j] A_E[j n + s, t]                t < R
  *   backward:  dx[i, j]       -= sum_t dS[i, t] A_E[j n + s, t]         (when dx is given)
@@ -49,38 +50,59 @@ static inline void st_bf16(void *p, int64_t k, float v) {
     ((uint16_t *)p)[k] = (uint16_t)(bits >> 16);
 }
 
-/* The loops, for a constant PR (4, 8, 12, 16) or the runtime pr (then W acc[pr] is a C99 variable-length array,
- * at most MAX_RANK + 3 long). */
-#define FORWARD_LOOP(W, LD, ST, PR)                                                                           \
+/* Four W in one vector (GCC/Clang vector extensions: SSE2 registers on x86-64, NEON on arm64; the compiler
+ * splits wider ones), loaded and stored by memcpy (no alignment assumed). The vector arithmetic is the same
+ * per-element arithmetic as scalar code (no fused multiply-add: -ffp-contract=off), so results do not depend
+ * on the vector width. */
+typedef float v4f __attribute__((vector_size(16)));
+typedef double v4d __attribute__((vector_size(32)));
+static inline void ld4_float(v4f *v, const float *p) { memcpy(v, p, sizeof *v); }
+static inline void st4_float(float *p, const v4f *v) { memcpy(p, v, sizeof *v); }
+static inline void ld4_double(v4d *v, const double *p) { memcpy(v, p, sizeof *v); }
+static inline void st4_double(double *p, const v4d *v) { memcpy(p, v, sizeof *v); }
+
+/* The loops, for a constant PR (4, 8, 12, 16) or the runtime pr (then the accumulators are a C99
+ * variable-length array of pr / 4 vectors, pr at most MAX_RANK + 3). V is the vector of four W. */
+/* S[row, t] -= acc[t], t < r (inside FORWARD_LOOP). */                                                       \
+#define FLUSH_ROW(W, LD, ST, PR)                                                                              \
+    for (int64_t v = 0; v < (PR) / 4; ++v)                                                                    \
+        for (int64_t u = 0; u < 4; ++u)                                                                       \
+            if (4 * v + u < r) ST(s, row * r + 4 * v + u, LD(s, row * r + 4 * v + u) - acc[v][u])
+
+#define FORWARD_LOOP(W, V, LD, ST, PR)                                                                        \
     do {                                                                                                      \
-        W acc[PR];                                                                                            \
+        V acc[(PR) / 4];                                                                                      \
+        for (int64_t v = 0; v < (PR) / 4; ++v) acc[v] = (V){0, 0, 0, 0};                                      \
         int64_t row = -1, row_end = 0, row_f = 0;                                                             \
-        for (int64_t q = q0; q < q1; ++q) {                                                                  \
+        for (int64_t q = q0; q < q1; ++q) {                                                                   \
             const int64_t f = pos[q];                                                                         \
             const int64_t e = (int64_t)(((double)f + 0.5) * inv_n);                                           \
             if (e >= row_end) {                                                                               \
-                if (row >= 0)                                                                                 \
-                    for (int64_t t = 0; t < r; ++t) ST(s, row * r + t, LD(s, row * r + t) - acc[t]);          \
+                if (row >= 0) FLUSH_ROW(W, LD, ST, PR);                                                       \
                 row = e / k;                                                                                  \
                 row_end = (row + 1) * k;                                                                      \
                 row_f = row * k * n;                                                                          \
-                for (int64_t t = 0; t < PR; ++t) acc[t] = 0;                                                  \
+                for (int64_t v = 0; v < (PR) / 4; ++v) acc[v] = (V){0, 0, 0, 0};                              \
             }                                                                                                 \
             const W xv = (W)LD(x, e);                                                                         \
-            const W *arow = ae + (f - row_f) * PR;                                                            \
-            for (int64_t t = 0; t < PR; ++t) acc[t] += xv * arow[t];                                          \
+            const V xs = {xv, xv, xv, xv};                                                                    \
+            const W *arow = ae + (f - row_f) * (PR);                                                          \
+            for (int64_t v = 0; v < (PR) / 4; ++v) {                                                          \
+                V a4;                                                                                         \
+                ld4_##W(&a4, arow + 4 * v);                                                                   \
+                acc[v] += xs * a4;                                                                            \
+            }                                                                                                 \
         }                                                                                                     \
-        if (row >= 0)                                                                                         \
-            for (int64_t t = 0; t < r; ++t) ST(s, row * r + t, LD(s, row * r + t) - acc[t]);                  \
+        if (row >= 0) FLUSH_ROW(W, LD, ST, PR);                                                               \
     } while (0)
 
-#define BACKWARD_LOOP(W, LD, ST, PR)                                                                          \
+#define BACKWARD_LOOP(W, V, LD, ST, PR)                                                                       \
     do {                                                                                                      \
-        W dsrow[PR];                                                                                          \
+        V dsrow[(PR) / 4];                                                                                    \
         int64_t row_end = 0, row_f = 0, pending = -1;                                                         \
         W dx_acc = 0;                                                                                         \
-        for (int64_t t = 0; t < PR; ++t) dsrow[t] = 0;                                                        \
-        for (int64_t q = q0; q < q1; ++q) {                                                                  \
+        for (int64_t v = 0; v < (PR) / 4; ++v) dsrow[v] = (V){0, 0, 0, 0};                                    \
+        for (int64_t q = q0; q < q1; ++q) {                                                                   \
             const int64_t f = pos[q];                                                                         \
             const int64_t e = (int64_t)(((double)f + 0.5) * inv_n);                                           \
             if (e != pending) {                                                                               \
@@ -92,34 +114,35 @@ static inline void st_bf16(void *p, int64_t k, float v) {
                 const int64_t row = e / k;                                                                    \
                 row_end = (row + 1) * k;                                                                      \
                 row_f = row * k * n;                                                                          \
-                for (int64_t t = 0; t < r; ++t) dsrow[t] = (W)LD(ds, row * r + t);                            \
+                for (int64_t v = 0; v < (PR) / 4; ++v)                                                        \
+                    for (int64_t u = 0; u < 4; ++u)                                                           \
+                        dsrow[v][u] = 4 * v + u < r ? (W)LD(ds, row * r + 4 * v + u) : (W)0;                  \
             }                                                                                                 \
             const W xv = (W)LD(x, e);                                                                         \
-            const W *arow = ae + (f - row_f) * PR;                                                            \
-            W *grow = g + (f - row_f) * PR;                                                                   \
-            W l0 = 0, l1 = 0, l2 = 0, l3 = 0; /* four lanes (P is a multiple of 4) */                         \
-            for (int64_t t = 0; t < PR; t += 4) {                                                             \
-                l0 += dsrow[t] * arow[t];                                                                     \
-                l1 += dsrow[t + 1] * arow[t + 1];                                                             \
-                l2 += dsrow[t + 2] * arow[t + 2];                                                             \
-                l3 += dsrow[t + 3] * arow[t + 3];                                                             \
-                grow[t] += xv * dsrow[t];                                                                     \
-                grow[t + 1] += xv * dsrow[t + 1];                                                             \
-                grow[t + 2] += xv * dsrow[t + 2];                                                             \
-                grow[t + 3] += xv * dsrow[t + 3];                                                             \
+            const V xs = {xv, xv, xv, xv};                                                                    \
+            const W *arow = ae + (f - row_f) * (PR);                                                          \
+            W *grow = g + (f - row_f) * (PR);                                                                 \
+            V lane = {0, 0, 0, 0};                                                                            \
+            for (int64_t v = 0; v < (PR) / 4; ++v) {                                                          \
+                V a4, g4;                                                                                     \
+                ld4_##W(&a4, arow + 4 * v);                                                                   \
+                ld4_##W(&g4, grow + 4 * v);                                                                   \
+                lane += dsrow[v] * a4;                                                                        \
+                g4 += xs * dsrow[v];                                                                          \
+                st4_##W(grow + 4 * v, &g4);                                                                   \
             }                                                                                                 \
-            dx_acc += (l0 + l1) + (l2 + l3);                                                                  \
+            dx_acc += (lane[0] + lane[1]) + (lane[2] + lane[3]);                                              \
         }                                                                                                     \
         if (dx && pending >= 0) ST(dx, pending, LD(dx, pending) - dx_acc);                                    \
     } while (0)
 
-#define DISPATCH(LOOP, W, LD, ST)                                                                             \
+#define DISPATCH(LOOP, W, V, LD, ST)                                                                          \
     switch (pr) {                                                                                             \
-        case 4: LOOP(W, LD, ST, 4); break;                                                                    \
-        case 8: LOOP(W, LD, ST, 8); break;                                                                    \
-        case 12: LOOP(W, LD, ST, 12); break;                                                                  \
-        case 16: LOOP(W, LD, ST, 16); break;                                                                  \
-        default: LOOP(W, LD, ST, pr); break;                                                                  \
+        case 4: LOOP(W, V, LD, ST, 4); break;                                                                 \
+        case 8: LOOP(W, V, LD, ST, 8); break;                                                                 \
+        case 12: LOOP(W, V, LD, ST, 12); break;                                                               \
+        case 16: LOOP(W, V, LD, ST, 16); break;                                                               \
+        default: LOOP(W, V, LD, ST, pr); break;                                                               \
     }
 
 /* Everything one call's workers share; each worker owns positions q0 .. q1, whole rows of x. */
@@ -153,8 +176,20 @@ static int64_t split(const int32_t *pos, int64_t npos, int64_t width, int64_t th
     return made;
 }
 
-/* Runs jobs 1 .. t_used - 1 on new threads and job 0 on this one; a thread that cannot start runs here. */
+/* Runs the jobs in parallel. Built with OpenMP (the loader hands this library the libgomp PyTorch has already
+ * loaded, same soname), in PyTorch's own thread pool: after PyTorch's last parallel region its threads spin
+ * for a while, and new threads would compete with them for the cores (on 2 cores that erased the second
+ * thread's gain). Otherwise jobs 1 .. t_used - 1 run on new threads and job 0 on this one; a thread that
+ * cannot start runs here. */
 static void run_jobs(void *(*fn)(void *), job_t *jobs, int64_t t_used) {
+#ifdef _OPENMP
+    if (t_used > 1) {
+#pragma omp parallel for num_threads((int)t_used) schedule(static, 1)
+        for (int64_t t = 0; t < t_used; ++t) fn(&jobs[t]);
+    } else {
+        fn(&jobs[0]);
+    }
+#else
     pthread_t ids[MAX_THREADS];
     int started[MAX_THREADS] = {0};
     for (int64_t t = 1; t < t_used; ++t) started[t] = pthread_create(&ids[t], NULL, fn, &jobs[t]) == 0;
@@ -163,11 +198,12 @@ static void run_jobs(void *(*fn)(void *), job_t *jobs, int64_t t_used) {
         if (started[t]) pthread_join(ids[t], NULL);
         else fn(&jobs[t]);
     }
+#endif
 }
 
-#define DEFINE(NAME, W, LD, ST)                                                                               \
+#define DEFINE(NAME, W, V, LD, ST)                                                                            \
     /* A_E (K n, P) from A' (R, K); NULL when out of memory. */                                               \
-    static W *build_ae_##NAME(const void *a, int64_t k, int64_t n, const int64_t *off, int64_t pr) {         \
+    static W *build_ae_##NAME(const void *a, int64_t k, int64_t n, const int64_t *off, int64_t pr) {          \
         W *ae = (W *)calloc((size_t)(k * n * pr), sizeof(W));                                                 \
         if (!ae) return NULL;                                                                                 \
         for (int64_t b = 0; b < n; ++b)                                                                       \
@@ -179,25 +215,25 @@ static void run_jobs(void *(*fn)(void *), job_t *jobs, int64_t t_used) {
     static void *forward_job_##NAME(void *arg) {                                                              \
         const job_t *job = (const job_t *)arg;                                                                \
         const int32_t *pos = job->pos;                                                                        \
-        const int64_t q0 = job->q0, q1 = job->q1, k = job->k, n = job->n, r = job->r, pr = job->pr;          \
+        const int64_t q0 = job->q0, q1 = job->q1, k = job->k, n = job->n, r = job->r, pr = job->pr;           \
         const void *x = job->x;                                                                               \
         void *s = job->s;                                                                                     \
         const W *ae = (const W *)job->ae;                                                                     \
         const double inv_n = job->inv_n;                                                                      \
-        DISPATCH(FORWARD_LOOP, W, LD, ST)                                                                     \
+        DISPATCH(FORWARD_LOOP, W, V, LD, ST)                                                                  \
         return NULL;                                                                                          \
     }                                                                                                         \
                                                                                                               \
     static void *backward_job_##NAME(void *arg) {                                                             \
         const job_t *job = (const job_t *)arg;                                                                \
         const int32_t *pos = job->pos;                                                                        \
-        const int64_t q0 = job->q0, q1 = job->q1, k = job->k, n = job->n, r = job->r, pr = job->pr;          \
+        const int64_t q0 = job->q0, q1 = job->q1, k = job->k, n = job->n, r = job->r, pr = job->pr;           \
         const void *x = job->x, *ds = job->ds;                                                                \
         void *dx = job->dx;                                                                                   \
         const W *ae = (const W *)job->ae;                                                                     \
         W *g = (W *)job->g;                                                                                   \
         const double inv_n = job->inv_n;                                                                      \
-        DISPATCH(BACKWARD_LOOP, W, LD, ST)                                                                    \
+        DISPATCH(BACKWARD_LOOP, W, V, LD, ST)                                                                 \
         return NULL;                                                                                          \
     }                                                                                                         \
                                                                                                               \
@@ -249,9 +285,9 @@ static void run_jobs(void *(*fn)(void *), job_t *jobs, int64_t t_used) {
         return 0;                                                                                             \
     }
 
-DEFINE(f32, float, ld_f32, st_f32)
-DEFINE(f64, double, ld_f64, st_f64)
-DEFINE(bf16, float, ld_bf16, st_bf16)
+DEFINE(f32, float, v4f, ld_f32, st_f32)
+DEFINE(f64, double, v4d, ld_f64, st_f64)
+DEFINE(bf16, float, v4f, ld_bf16, st_bf16)
 
 /* Dropped positions from geometric gaps (torch_backend.dropped_positions): with l[q] = log(u_q), the gaps are
  * ceil(l[q] * inv_log) (clamped to total + 1 when clamp is set), and the positions their running sum from
