@@ -7,8 +7,11 @@ results are judged against the fp64 result by the error-ratio rule: within twice
 plus a floor of a few ulps of the largest value.
 """
 import os
+import re
 import shutil
+import subprocess
 import sys
+import tempfile
 import warnings
 
 import pytest
@@ -193,38 +196,120 @@ def test_rows_split_over_threads_give_the_sparse_products(monkeypatch, threads):
         assert torch.equal(got[i], single[i])
 
 
+def _compiler_has_openmp():
+    compiler = os.environ.get("CC") or "cc"
+    if shutil.which(compiler) is None:
+        return False
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "t.c")
+        with open(source, "w") as f:
+            f.write("int f(int n) { int s = 0;\n#pragma omp parallel for reduction(+:s)\n"
+                    "for (int i = 0; i < n; ++i) s += i; return s; }\n")
+        done = subprocess.run([compiler, "-fopenmp", "-fPIC", "-shared", source, "-o", source + ".so"],
+                              capture_output=True)
+        return done.returncode == 0
+
+
+def _omp_runtimes_mapped():
+    """OpenMP runtime files in this process's memory map (GNU libgomp, LLVM libomp, Intel libiomp)."""
+    with open("/proc/self/maps") as maps:
+        paths = {line.split()[-1] for line in maps if len(line.split()) >= 6}
+    return {path for path in paths if re.match(r"lib(g|i)?omp[^a-z]", os.path.basename(path))}
+
+
 @needs_cc
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not _cpu._torch_uses_openmp(),
-                    reason="PyTorch here does not run on OpenMP (or /proc/self/maps is missing)")
-def test_the_openmp_build_runs_in_pytorchs_own_libgomp(monkeypatch):
-    """Where PyTorch uses OpenMP the helper is built with it and shares PyTorch's libgomp (one copy loaded),
-    so its parallel loops run on PyTorch's thread pool."""
+@pytest.mark.skipif(not _cpu._openmp_wanted() or not _compiler_has_openmp(),
+                    reason="no OpenMP build here: PyTorch not on a libgomp.so.1, no /proc/self/maps, or the "
+                           "compiler has no -fopenmp")
+def test_the_openmp_build_runs_in_pytorchs_own_pool(monkeypatch):
+    """Where PyTorch runs on libgomp.so.1 the helper is built with OpenMP (with GCC always) and shares that
+    runtime: one OpenMP runtime mapped, and a call on several threads starts no thread of its own."""
     monkeypatch.setenv(_cpu.ENV_VAR, "1")
+    ranks = (8, 4, 2)
+    x = torch.randn(401, 150)
+    a = torch.randn(14, 150)
+    s = torch.zeros(401, 14)
+    before_threads = torch.get_num_threads()
+    compiler = os.environ.get("CC") or "cc"
+    gcc = "Free Software Foundation" in subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     _cpu.reset()
     try:
         assert _cpu.library() is not None
-        assert "-fopenmp" in _cpu.build_flags()
-        with open("/proc/self/maps") as maps:
-            copies = {line.split()[-1] for line in maps if "libgomp" in line}
-        assert len(copies) == 1, copies
+        if not gcc and "-fopenmp" not in _cpu.build_flags():  # e.g. clang's libomp: set aside, and marked
+            assert os.path.exists(os.path.join(_openmp_folder(), "failed"))
+            return
+        assert "-fopenmp" in _cpu.build_flags()  # GCC's -fopenmp needs libgomp.so.1: PyTorch's copy
+        assert len(_omp_runtimes_mapped()) == 1, _omp_runtimes_mapped()
+        torch.set_num_threads(2)
+        positions = torch_backend.dropped_positions(3, x.numel() * 3, 0.3, CPU)  # about 54K: several workers
+        helper = torch_backend._helper(x, ranks)
+        (x @ x.t()).sum()  # PyTorch's pool exists
+        threads = len(os.listdir("/proc/self/task"))
+        torch_backend._helper_forward(helper, positions, x, a, ranks, s)
+        assert len(os.listdir("/proc/self/task")) == threads
     finally:
+        torch.set_num_threads(before_threads)
         _cpu.reset()
+
+
+def _check_against_sparse(monkeypatch, ranks=(8, 4, 2)):
+    tensors = problem(401, 150, 50, ranks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: the helper works
+        got = run(monkeypatch, "helper", torch.float64, tensors, ranks, 0.3)
+    want = run(monkeypatch, "sparse", torch.float64, tensors, ranks, 0.3)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=64 * 2.0**-52 * w.abs().max().item())
+
+
+def _openmp_folder():
+    with open(_cpu._SOURCE, "rb") as f:
+        source = f.read()
+    return _cpu._build_dir(source, os.environ.get("CC") or "cc", [*_cpu._FLAGS, _cpu._OPENMP])
 
 
 @needs_cc
 def test_a_compiler_without_openmp_gets_the_pthreads_build(monkeypatch, tmp_path):
     monkeypatch.setenv("MSPLORA_CACHE", str(tmp_path))
     monkeypatch.setattr(_cpu, "_OPENMP", "-fno-such-option-for-msplora")
-    monkeypatch.setattr(_cpu, "_torch_uses_openmp", lambda: True)
-    tensors = problem(401, 150, 50, (8, 4, 2))
+    monkeypatch.setattr(_cpu, "_openmp_wanted", lambda: True)
     _cpu.reset()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # no warning: the helper works, without OpenMP
-            got = run(monkeypatch, "helper", torch.float64, tensors, (8, 4, 2), 0.3)
+        _check_against_sparse(monkeypatch)
         assert _cpu.build_flags() == _cpu._FLAGS
+        assert os.path.exists(os.path.join(_openmp_folder(), "failed"))  # not tried again
     finally:
         _cpu.reset()
-    want = run(monkeypatch, "sparse", torch.float64, tensors, (8, 4, 2), 0.3)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=0, atol=64 * 2.0**-52 * w.abs().max().item())
+
+
+@needs_cc
+@pytest.mark.parametrize("failure", ["load", "second runtime"])
+def test_an_openmp_build_that_does_not_work_gives_way_to_the_pthreads_build(monkeypatch, tmp_path, failure):
+    """An OpenMP build that compiles but will not load, or that maps an OpenMP runtime of its own (clang's
+    libomp, a second libgomp), is set aside for the pthreads build, and marked so no later process uses it."""
+    monkeypatch.setenv("MSPLORA_CACHE", str(tmp_path))
+    monkeypatch.setattr(_cpu, "_openmp_wanted", lambda: True)
+    folder = _openmp_folder()
+    real_cdll, loads = _cpu.ctypes.CDLL, []
+
+    def cdll(path, *args, **kwargs):
+        loads.append(os.path.dirname(path))
+        if failure == "load" and os.path.dirname(path) == folder:
+            raise OSError("libfoo.so: cannot open shared object file")
+        return real_cdll(path, *args, **kwargs)
+
+    monkeypatch.setattr(_cpu.ctypes, "CDLL", cdll)
+    if failure == "second runtime":
+        maps = iter([{"/x/libgomp.so.1"}, {"/x/libgomp.so.1", "/y/libomp.so.5"}])
+        monkeypatch.setattr(_cpu, "_openmp_runtimes", lambda: next(maps))
+    _cpu.reset()
+    try:
+        _check_against_sparse(monkeypatch)
+        assert _cpu.build_flags() == _cpu._FLAGS
+        assert loads[0] == folder and os.path.exists(os.path.join(folder, "failed"))
+        loads.clear()
+        _cpu.reset()
+        monkeypatch.setenv(_cpu.ENV_VAR, "1")
+        assert _cpu.library() is not None and folder not in loads  # the mark is read: not loaded again
+    finally:
+        _cpu.reset()

@@ -6,9 +6,10 @@ atomically, and loaded with ctypes: as Triton builds its own launcher. Where no 
 runs the same corrections as PyTorch sparse products (same masks, same maths, slower) after one warning.
 ``MSPLORA_CPU_EXT=0`` chooses that path; ``1`` makes a failed build an error instead of a warning.
 
-Where PyTorch runs its CPU ops on OpenMP (the Linux wheels), the helper is built with ``-fopenmp`` and its
-threads are PyTorch's own pool (``torch.get_num_threads()`` of them): the dynamic loader resolves its
-``libgomp.so.1`` to the copy PyTorch loaded. A compiler without OpenMP gets the pthreads build instead.
+Where PyTorch runs its CPU ops on OpenMP from a ``libgomp.so.1`` (the Linux wheels), the helper is built with
+``-fopenmp`` and its threads are PyTorch's own pool (``torch.get_num_threads()`` of them): the dynamic loader
+resolves its ``libgomp.so.1`` to the copy PyTorch loaded. Elsewhere, or where that build fails to compile or
+load or brings an OpenMP runtime of its own (clang's libomp, a second libgomp), the pthreads build runs.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
@@ -81,21 +83,70 @@ def _declare(lib: ctypes.CDLL) -> None:
     gaps.restype = i64
 
 
+_OMP_RUNTIMES = ("libgomp", "libomp", "libiomp")  # GNU, LLVM and Intel OpenMP runtimes, by file name
+
+
+def _openmp_runtimes() -> Optional[set]:
+    """The OpenMP runtime files mapped into this process (from /proc/self/maps); None where that is unknown."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {fields[5] for fields in (line.split(None, 5) for line in maps) if len(fields) == 6}
+    except OSError:
+        return None
+    return {path.strip() for path in paths if os.path.basename(path.strip()).startswith(_OMP_RUNTIMES)}
+
+
+def _openmp_wanted() -> bool:
+    """The OpenMP build only where it can join PyTorch's own pool: Linux, PyTorch on OpenMP, and PyTorch's
+    runtime a ``libgomp.so.1`` (a build's ``libgomp.so.1`` then resolves to that copy, by its soname)."""
+    if not sys.platform.startswith("linux") or not _torch_uses_openmp():
+        return False
+    runtimes = _openmp_runtimes()
+    return bool(runtimes) and all(os.path.basename(path) == "libgomp.so.1" for path in runtimes)
+
+
 def _load(source: bytes, compiler: str) -> ctypes.CDLL:
-    """The built library: the OpenMP build where PyTorch uses OpenMP and the compiler has it, else plain."""
-    candidates = [[*_FLAGS, _OPENMP], _FLAGS] if _torch_uses_openmp() else [_FLAGS]
-    for i, flags in enumerate(candidates):
-        target = os.path.join(_build_dir(source, compiler, flags), "libmsplora_cpu.so")
+    """The built library: the OpenMP build where ``_openmp_wanted()`` and it compiles, loads and brings no
+    OpenMP runtime of its own; else the pthreads build. An OpenMP build found unusable where the pthreads one
+    works is marked (a ``failed`` file beside it), so later processes do not try it again."""
+    candidates = [[*_FLAGS, _OPENMP], _FLAGS] if _openmp_wanted() else [_FLAGS]
+    unusable = []  # (folder, why) of OpenMP builds that did not work
+    error: Optional[Exception] = None
+    for flags in candidates:
+        folder = _build_dir(source, compiler, flags)
+        target, openmp = os.path.join(folder, "libmsplora_cpu.so"), _OPENMP in flags
+        if openmp and os.path.exists(os.path.join(folder, "failed")):
+            continue  # a previous process found it unusable
+        before = _openmp_runtimes() if openmp else None
         try:
             if not os.path.exists(target):
                 _compile(_SOURCE, target, compiler, flags)
-        except RuntimeError:
-            if i == len(candidates) - 1:
-                raise
-            continue  # no OpenMP in this compiler: the pthreads build
+            lib = ctypes.CDLL(target)
+            _declare(lib)
+        except (RuntimeError, OSError, AttributeError, subprocess.SubprocessError) as exc:
+            error = exc
+            if openmp:
+                unusable.append((folder, str(exc)))
+            continue
+        if openmp and _openmp_runtimes() != before:  # it brought another runtime: another, competing pool
+            unusable.append((folder, "loading it mapped a second OpenMP runtime"))
+            continue
+        for bad, why in unusable:
+            _mark_unusable(bad, why)
         _state["flags"] = list(flags)
-        return ctypes.CDLL(target)
-    raise AssertionError("unreachable")
+        return lib
+    if error is None:
+        raise RuntimeError("the OpenMP build maps a second OpenMP runtime, and no other build was tried")
+    raise error
+
+
+def _mark_unusable(folder: str, why: str) -> None:
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "failed"), "w") as f:
+            f.write(why[-2000:] + "\n")
+    except OSError:
+        pass  # only an optimisation: the next process tries it again
 
 
 def library() -> Optional[ctypes.CDLL]:
@@ -115,7 +166,6 @@ def library() -> Optional[ctypes.CDLL]:
             with open(_SOURCE, "rb") as f:
                 source = f.read()
             lib = _load(source, compiler)
-            _declare(lib)
         except Exception as exc:  # noqa: BLE001 - any failure means the PyTorch path, said once
             if setting == "1":
                 raise RuntimeError(f"msplora: building the CPU dropout helper failed: {exc}") from exc
