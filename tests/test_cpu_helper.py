@@ -21,7 +21,17 @@ from msplora_kernels import _cpu, torch_backend
 
 CPU = torch.device("cpu")
 FLOOR = {torch.float32: 4 * 2.0**-24, torch.bfloat16: 4 * 2.0**-8}
-needs_cc = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler here")
+def _compiler():
+    return os.environ.get("CC") or "cc"
+
+
+def _assert_fp64_close(got, want):
+    """fp64 results to 64 ulps of each tensor's largest value (the sums run in another order)."""
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=64 * 2.0**-52 * w.abs().max().item())
+
+
+needs_cc = pytest.mark.skipif(shutil.which(_compiler()) is None, reason="no C compiler here")
 
 
 def problem(m, k, n, ranks, seed=0):
@@ -190,14 +200,13 @@ def test_rows_split_over_threads_give_the_sparse_products(monkeypatch, threads):
     finally:
         torch.set_num_threads(before)
     want = run(monkeypatch, "sparse", torch.float64, tensors, ranks, 0.3)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=0, atol=64 * 2.0**-52 * w.abs().max().item())
+    _assert_fp64_close(got, want)
     for i in (0, 1, 2):  # y, S, dx
         assert torch.equal(got[i], single[i])
 
 
 def _compiler_has_openmp():
-    compiler = os.environ.get("CC") or "cc"
+    compiler = _compiler()
     if shutil.which(compiler) is None:
         return False
     with tempfile.TemporaryDirectory() as folder:
@@ -230,8 +239,8 @@ def test_the_openmp_build_runs_in_pytorchs_own_pool(monkeypatch):
     a = torch.randn(14, 150)
     s = torch.zeros(401, 14)
     before_threads = torch.get_num_threads()
-    compiler = os.environ.get("CC") or "cc"
-    gcc = "Free Software Foundation" in subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    gcc = "Free Software Foundation" in subprocess.run([_compiler(), "--version"], capture_output=True,
+                                                       text=True).stdout
     _cpu.reset()
     try:
         assert _cpu.library() is not None
@@ -258,14 +267,13 @@ def _check_against_sparse(monkeypatch, ranks=(8, 4, 2)):
         warnings.simplefilter("error")  # no warning: the helper works
         got = run(monkeypatch, "helper", torch.float64, tensors, ranks, 0.3)
     want = run(monkeypatch, "sparse", torch.float64, tensors, ranks, 0.3)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=0, atol=64 * 2.0**-52 * w.abs().max().item())
+    _assert_fp64_close(got, want)
 
 
 def _openmp_folder():
     with open(_cpu._SOURCE, "rb") as f:
         source = f.read()
-    return _cpu._build_dir(source, os.environ.get("CC") or "cc", [*_cpu._FLAGS, _cpu._OPENMP])
+    return _cpu._build_dir(source, _compiler(), [*_cpu._FLAGS, _cpu._OPENMP])
 
 
 @needs_cc

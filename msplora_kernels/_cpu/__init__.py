@@ -135,8 +135,7 @@ def _load(source: bytes, compiler: str) -> ctypes.CDLL:
             _mark_unusable(bad, why)
         _state["flags"] = list(flags)
         return lib
-    if error is None:
-        raise RuntimeError("the OpenMP build maps a second OpenMP runtime, and no other build was tried")
+    assert error is not None  # the last candidate, the pthreads build, returned or failed with an error
     raise error
 
 

@@ -62,8 +62,8 @@ static inline void ld4_double(v4d *v, const double *p) { memcpy(v, p, sizeof *v)
 static inline void st4_double(double *p, const v4d *v) { memcpy(p, v, sizeof *v); }
 
 /* The loops, for a constant PR (4, 8, 12, 16) or the runtime pr (then the accumulators are a C99
- * variable-length array of pr / 4 vectors, pr at most MAX_RANK + 3). V is the vector of four W. */
-/* S[row, t] -= acc[t], t < r (inside FORWARD_LOOP). */                                                       \
+ * variable-length array of pr / 4 vectors, pr at most MAX_RANK + 3). V is the vector of four W.
+ * FLUSH_ROW (inside FORWARD_LOOP): S[row, t] -= acc[t] for t < r. */
 #define FLUSH_ROW(W, LD, ST, PR)                                                                              \
     for (int64_t v = 0; v < (PR) / 4; ++v)                                                                    \
         for (int64_t u = 0; u < 4; ++u)                                                                       \
