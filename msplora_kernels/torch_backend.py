@@ -25,8 +25,8 @@ elsewhere: position f's row of A_E is f - i K n. Two implementations of the same
 * **the compiled helper** (``msplora_kernels/_cpu``, CPU tensors in fp32, fp64 or bf16; built on first use with
   the machine's C compiler): one pass over the sorted positions in forward (C[i, :] += x[i, j] A_E[f - i K n, :])
   and one in backward (dx[i, j] -= dS[i, :] . A_E[f - i K n, :] and G[f - i K n, :] += x[i, j] dS[i, :], then
-  dA's correction from G's owned columns), rows split over ``torch.get_num_threads()`` threads, plus the draw's
-  running sum (below). ``dropout_correction.c`` has the loop details.
+  dA's correction from G's owned columns), rows split over ``torch.get_num_threads()`` threads, and the draw
+  itself (below), split over the same threads. ``dropout_correction.c`` has the loop details.
 * **PyTorch sparse products** (other dtypes, other devices, no compiler, or ``MSPLORA_CPU_EXT=0``): the dropped
   set as one sparse (M, K n) CSR matrix X_E with X_E[i, j n + s] = x[i, j] (the positions come out sorted), and
 
@@ -42,18 +42,32 @@ dB, dS A' and dS^T x, also once.
 
 Drawing the dropped set: the gaps between consecutive dropped positions of an i.i.d. Bernoulli(p) sequence
 are i.i.d. geometric, P(gap = g) = (1 - p)^(g - 1) p, so positions = cumsum(gaps) - 1 with
-gap = ceil(log(u) / log(1 - p)) and u uniform in [2^-60, 1) (P(gap > g) = P(u < (1 - p)^g) = (1 - p)^g).
-This is exact up to u's 53-bit grid: each element is dropped with a p_eff within about 2^-53 of p,
-independently; the scaling 1/(1 - p) is off by the same relative ~1e-16, below fp64 rounding. Random draws and extra
-work scale with p M K n, not with M K n: at p = 0.05 one twentieth of an element-wise pass per branch.
+gap = ceil(log(u) / log(1 - p)) for u uniform in (0, 1) (P(gap > g) = P(u < (1 - p)^g) = (1 - p)^g). The
+uniforms come from a counter-based stream, so any range of them can be computed independently (in
+parallel, on any device): draw c of the stream of ``seed`` is
+
+    u_c = (floor(mix64(key + (c + 1) G) / 2^12) + 1/2) 2^-52,     key = mix64(seed + G)  (mod 2^64)
+
+with mix64 SplitMix64's output function and G = 0x9e3779b97f4a7c15 its increment (SplitMix64 itself, read at
+counter c: it passes BigCrush), so u lies on the 2^52 midpoints of (0, 1). log(u) is computed by a fixed
+sequence of IEEE fp64 operations (``_log_unit``: an exponent split and the atanh series, within a few ulps),
+not by a library log, and the helper runs the same operations in C: the two paths draw the same bits (as
+would a CUDA device by the same argument: IEEE fp64 arithmetic and wrapping int64; untested, no GPU here). Exact up to u's grid and the log's rounding: each element is dropped independently, with a
+p_eff within a relative ~1e-14 of p (each P(gap > g) is off by at most ~2^-52, over the at most 37/p gap
+lengths a draw can give: u >= 2^-53); the scaling 1/(1 - p) is off by as little, far below what any estimate
+of the mean could see. Random draws and extra work scale with p M K n, not with M K n: at p = 0.05
+one twentieth of an element-wise pass per branch. The clamp of each gap at total + 1 (past the end) keeps
+the running sums exact integers.
+
 The backward needs the same positions: in eager mode the forward hands them over (``keep_positions``; int32,
 4 bytes per dropped element, 0.6 byte per element of x for three branches at p = 0.05, where PEFT keeps a
 dropped copy of x); through the contract alone (the custom ops under ``torch.compile``) the backward draws them
 again from the seed. Nothing of size M x K is saved besides x itself. ``dropout_masks`` turns the positions
 into dense masks, for tests.
 
-Cost at p = 0.05 with three branches, per element of x: 0.15 uniform draws (PyTorch's generator) and logs,
-then in the helper one pass over the 0.15 positions per element in forward and one in backward, each doing about
+Cost at p = 0.05 with three branches, per element of x: 0.15 draws (a hash and a log: about 2 ns each per
+core in the helper with AVX-512, 5 with SSE2; a few dozen PyTorch ops over them on the other path), then in
+the helper one pass over the 0.15 positions per element in forward and one in backward, each doing about
 P = R rounded up to 4 multiply-adds (twice that in backward) from a (K n, P) table; against the p = 0 layer,
 whose GEMMs are 2 (K + N) + 4 R multiply-adds per element. The sparse products instead make a dozen passes
 over 0.15-long index arrays each way (CSR indices, gathers, a stable 16-bit sort for the transposed pattern)
@@ -90,7 +104,6 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: Tup
     return made
 
 
-_U_LOW = 2.0**-60
 _DRAW_MARGIN_SD = 6.0  # the first draw covers the expected count of dropped elements plus this many sd
 
 
@@ -113,46 +126,111 @@ def _row_coefficients(ranks: Tuple[int, ...], coefs: Tuple[float, ...], dtype: t
     return torch.cat([torch.full((r,), c, dtype=dtype, device=device) for r, c in zip(ranks, coefs)])[:, None]
 
 
+_MASK64 = (1 << 64) - 1
+_MIX_G = 0x9E3779B97F4A7C15  # SplitMix64's increment (2^64 / golden ratio, odd)
+_MIX_C1, _MIX_C2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_SQRT2 = float.fromhex("0x1.6a09e667f3bcdp+0")
+_LN2 = float.fromhex("0x1.62e42fefa39efp-1")
+_LOG_TERMS = tuple(1.0 / (2 * k + 1) for k in range(11))  # the atanh series' 1, 1/3, ..., 1/21
+
+
+def _mix64(z: int) -> int:
+    """SplitMix64's output function on a 64-bit integer (Python ints: exact)."""
+    z = ((z ^ (z >> 30)) * _MIX_C1) & _MASK64
+    z = ((z ^ (z >> 27)) * _MIX_C2) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _stream_key(seed: int) -> int:
+    """The 64-bit key of the draw stream of ``seed``."""
+    return _mix64((seed + _MIX_G) & _MASK64)
+
+
+def _signed64(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _srl(z: torch.Tensor, shift: int) -> torch.Tensor:
+    """Logical right shift of int64 read as uint64 (PyTorch's >> is arithmetic)."""
+    return (z >> shift) & ((1 << (64 - shift)) - 1)
+
+
+def _uniforms(key: int, c0: int, n: int, device: torch.device) -> torch.Tensor:
+    """u_c = (mix64(key + (c + 1) G) >> 12 + 1/2) 2^-52 for the counters c = c0 .. c0 + n - 1 (fp64), in PyTorch
+    int64 ops (they wrap modulo 2^64 as uint64 arithmetic does): the helper's ``mix64`` and ``unit_midpoint``."""
+    c = torch.arange(c0 + 1, c0 + n + 1, dtype=torch.int64, device=device)
+    z = c * _signed64(_MIX_G) + _signed64(key)
+    z = (z ^ _srl(z, 30)) * _signed64(_MIX_C1)
+    z = (z ^ _srl(z, 27)) * _signed64(_MIX_C2)
+    z = z ^ _srl(z, 31)
+    return _srl(z, 12).to(torch.float64).add_(0.5).mul_(2.0**-52)  # (k + 1/2) 2^-52, exactly
+
+
+def _log_unit(u: torch.Tensor) -> torch.Tensor:
+    """log(u) for fp64 u in [2^-53, 1), within a few ulps: the helper's ``log_unit``, operation for operation
+    (each one correctly rounded IEEE fp64, no fused multiply-add), so the same bits on any device."""
+    bits = u.view(torch.int64)
+    e = (bits >> 52) - 1023
+    m = ((bits & ((1 << 52) - 1)) | 0x3FF0000000000000).view(torch.float64)  # u = 2^e m, m in [1, 2)
+    big = m > _SQRT2
+    m = torch.where(big, m * 0.5, m)
+    e = e + big
+    f = m - 1.0
+    s = f / (f + 2.0)
+    z = s * s
+    c = _LOG_TERMS  # c[k] = 1 / (2k + 1); Estrin's scheme, as the helper
+    z2 = z * z
+    z4 = z2 * z2
+    z8 = z4 * z4
+    p01, p23, p45, p67 = z * c[1] + c[0], z * c[3] + c[2], z * c[5] + c[4], z * c[7] + c[6]
+    p810 = z2 * c[10] + (z * c[9] + c[8])
+    p03, p47 = p23 * z2 + p01, p67 * z2 + p45
+    poly = p810 * z8 + (p47 * z4 + p03)
+    return e.to(torch.float64) * _LN2 + (s + s) * poly
+
+
+def _log_uniforms(key: int, c0: int, n: int, device: torch.device) -> torch.Tensor:
+    """log(u_c) for the counters c0 .. c0 + n - 1 of stream ``key``: the helper's draw in PyTorch ops."""
+    return _log_unit(_uniforms(key, c0, n, device))
+
+
 def dropped_positions(seed: int, total: int, p: float, device: torch.device,
                       dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Sorted positions in [0, total) of an i.i.d. Bernoulli(p) dropped set, drawn from ``seed``: int32 when
     ``total`` < 2^31 (the compact form backward keeps), else int64, unless ``dtype`` says.
 
-    Geometric gaps (see the module docstring), summed in fp64 (exact below 2^53); a first draw covers the
-    expected count plus 6 standard deviations, and in the rare case it falls short the same generator stream
-    continues.
+    Geometric gaps from a counter-based stream (see the module docstring), the same bits on every device and
+    path; a first draw covers the expected count plus 6 standard deviations, and in the rare case it falls
+    short the stream continues.
     """
     if dtype is None:
         dtype = torch.int32 if total < 2**31 else torch.int64
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
+    key = _stream_key(seed)
     inv_log = 1.0 / math.log1p(-p)
     lib = _cpu.library() if device.type == "cpu" and dtype == torch.int32 else None
     chunks: List[torch.Tensor] = []
-    start = 0  # the first position the next chunk may take
+    start, counter = 0, 0  # the first position the next chunk may take; the next draw's counter
     while start < total:
         mean = (total - start) * p
         n = max(16, int(mean + _DRAW_MARGIN_SD * math.sqrt(mean) + 16))
-        # u in [2^-60, 1) keeps log(u) finite; ceil(log u / log(1 - p)) >= 1 is the geometric gap
-        gaps = torch.empty(n, dtype=torch.float64, device=device).uniform_(_U_LOW, 1.0, generator=generator)
-        gaps.log_()
-        if lib is not None:  # the same operations below in one pass (the same bits: integers below 2^53)
-            out, last = torch.empty(n, dtype=torch.int32), ctypes.c_double()
-            made = lib.msplora_gap_positions(gaps.data_ptr(), n, inv_log, start, total, int(p < 1e-15),
-                                             out.data_ptr(), ctypes.byref(last))
+        if lib is not None:  # the same draws and sums in C, in parallel
+            out, last = torch.empty(n, dtype=torch.int32), ctypes.c_int64()
+            made = lib.msplora_draw_positions(key, counter, n, inv_log, start, total, out.data_ptr(),
+                                              ctypes.byref(last), torch.get_num_threads())
+            if made < 0:
+                raise RuntimeError(f"msplora: the CPU helper rejected the draw (total={total}, start={start})")
             chunks.append(out[:made])
-            start = int(last.value) + 1
+            start, counter = last.value + 1, counter + n
             continue
-        gaps.mul_(inv_log).ceil_()
-        if p < 1e-15:  # gaps beyond 2^53 are possible only for such p; total + 1 lands past the end
-            gaps.clamp_(max=float(total) + 1.0)
+        # the geometric gaps ceil(log u / log(1 - p)) >= 1, clamped at total + 1 (past the end, and exact)
+        gaps = _log_uniforms(key, counter, n, device).mul_(inv_log).ceil_().clamp_(max=float(total) + 1.0)
         gaps[:1].add_(start - 1)
-        positions = gaps.cumsum_(0)
+        positions = gaps.cumsum_(0)  # integers below 2^53 until past the end: exact
         last = int(positions[-1])
         if last >= total:
             positions = positions[: int(torch.searchsorted(positions, float(total)))]
         chunks.append(positions.to(dtype))
-        start = last + 1
+        start, counter = last + 1, counter + n
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
 

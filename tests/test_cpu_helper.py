@@ -6,7 +6,9 @@ Tolerances: fp64 results agree to a few ulps of the largest term (the sums run i
 results are judged against the fp64 result by the error-ratio rule: within twice the sparse path's own error
 plus a floor of a few ulps of the largest value.
 """
+import ctypes
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -170,17 +172,78 @@ def test_an_unknown_setting_is_refused_by_name(monkeypatch):
 @pytest.mark.parametrize("short_first_draw", [False, True])
 @pytest.mark.parametrize("p", [1e-4, 0.05, 0.3, 0.9])
 def test_the_helper_draws_the_same_positions_as_pytorch(monkeypatch, p, short_first_draw):
-    """The gaps' running sum in C is bit for bit PyTorch's (the same fp64 operations on integers below 2^53),
-    also when the first draw falls short and the stream continues."""
+    """The draw in C (hash, log, gaps and their running sum, in vectors and split over threads) is bit for bit
+    its PyTorch mirror (the same integer and IEEE fp64 operations), at totals that leave every kind of partial
+    vector, also when the first draw falls short and the stream continues."""
     if short_first_draw:
         monkeypatch.setattr(torch_backend, "_DRAW_MARGIN_SD", -8.0)
-    for total in (1, 37 * 72 * 3, 200_003):
+    for total in (1, 17, 1000, 37 * 72 * 3, 200_003):
         drawn = {}
         for setting in ("1", "0"):
             monkeypatch.setenv(_cpu.ENV_VAR, setting)
             drawn[setting] = torch_backend.dropped_positions(5, total, p, CPU)
         assert drawn["1"].dtype == drawn["0"].dtype == torch.int32
         assert torch.equal(drawn["1"], drawn["0"]), (p, total)
+
+
+@needs_cc
+def test_the_draw_does_not_depend_on_the_thread_count():
+    """About 107K draws: up to six shares of at least 16384 (counter-based, so each share is computed alone);
+    any number of threads gives the same positions."""
+    total, p = 3 * 1024 * 700, 0.05
+    before = torch.get_num_threads()
+    try:
+        drawn = []
+        for threads in (1, 2, 3, 7):
+            torch.set_num_threads(threads)
+            drawn.append(torch_backend.dropped_positions(21, total, p, CPU))
+    finally:
+        torch.set_num_threads(before)
+    for other in drawn[1:]:
+        assert torch.equal(other, drawn[0])
+
+
+_LEVEL_FLAGS = {  # the /proc/cpuinfo flags each x86-64 level needs (cumulative)
+    "x86-64-v2": {"sse4_2", "ssse3", "popcnt", "cx16"},
+    "x86-64-v3": {"avx2", "bmi1", "bmi2", "fma", "f16c", "movbe", "abm"},
+    "x86-64-v4": {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"},
+}
+
+
+def _cpu_has(level):
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return False
+    levels = list(_LEVEL_FLAGS)
+    return all(_LEVEL_FLAGS[lv] <= flags for lv in levels[: levels.index(level) + 1])
+
+
+@needs_cc
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 instruction sets")
+@pytest.mark.parametrize("level", [None, "x86-64-v2", "x86-64-v3", "x86-64-v4"])
+def test_every_instruction_set_draws_the_same_bits(monkeypatch, tmp_path, level):
+    """The draw's vector loop has one copy per instruction set (GCC's target_clones, chosen at load); each,
+    built alone (-DMSPLORA_NO_CLONES and that -march; None: the compiler's baseline, SSE2), draws the bits of
+    the PyTorch mirror."""
+    if level is not None and not _cpu_has(level):
+        pytest.skip(f"this CPU lacks {level}")
+    flags = [*_cpu._FLAGS, "-DMSPLORA_NO_CLONES"] + ([f"-march={level}"] if level else [])
+    target = str(tmp_path / "libdraw.so")
+    try:
+        _cpu._compile(_cpu._SOURCE, target, _compiler(), flags)
+    except RuntimeError as exc:
+        if level is not None and "march" in str(exc):
+            pytest.skip(f"{_compiler()} does not know -march={level}")
+        raise
+    lib = ctypes.CDLL(target)
+    _cpu._declare(lib)
+    monkeypatch.setattr(_cpu, "library", lambda: lib)
+    for p, total in [(0.05, 200_003), (0.3, 37 * 72 * 3), (1e-4, 10**6), (0.9, 1000)]:
+        got = torch_backend.dropped_positions(9, total, p, CPU)  # int32: the helper
+        mirror = torch_backend.dropped_positions(9, total, p, CPU, torch.int64)  # int64: PyTorch's ops
+        assert got.dtype == torch.int32 and torch.equal(got.long(), mirror), (level, p, total)
 
 
 @needs_cc

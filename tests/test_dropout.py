@@ -93,6 +93,36 @@ def test_dropped_positions_are_sorted_distinct_and_in_range():
     assert not torch.equal(positions, torch_backend.dropped_positions(6, total, 0.3, CPU))
 
 
+def test_the_stream_is_splitmix64_read_at_each_counter_on_the_midpoint_grid():
+    """u_c = (mix64(key + (c + 1) G) >> 12 + 1/2) 2^-52, checked against Python's exact integers; any range of
+    counters gives the same values (counter-based: the helper splits it over threads)."""
+    key = torch_backend._stream_key(2024)
+    mask = (1 << 64) - 1
+    want = [((torch_backend._mix64((key + (c + 1) * torch_backend._MIX_G) & mask) >> 12) + 0.5) * 2.0**-52
+            for c in range(1000)]
+    got = torch_backend._uniforms(key, 0, 1000, CPU)
+    assert got.tolist() == want
+    assert torch.equal(torch_backend._uniforms(key, 400, 37, CPU), got[400:437])
+    assert 0.0 < got.min() and got.max() < 1.0
+
+
+def test_the_log_is_within_its_error_bound():
+    """_log_unit against libm's log (correctly rounded to within 1 ulp), at 10^6 draws, at the ends of u's grid
+    and around the split points sqrt(1/2) 2^-e. Error model, in units of 2^-53 of |log u|: the reduced
+    argument s costs 1 (two roundings), the series ~3 (its truncation is below 2^-60), the product (s + s) poly
+    0.5; e ln 2 costs 0.8 (ln 2's own rounding and the product's) on a term at most twice |log u| (|log m| <= 0.35
+    <= |log u| when e != 0, so no cancellation), and the final sum 0.5: about 6.5 in all; allowed 16."""
+    u = torch_backend._uniforms(torch_backend._stream_key(7), 0, 10**6, CPU)
+    edges = [2.0**-53, 1.5 * 2.0**-53, 1.0 - 2.0**-53, 0.5, 0.5 - 2.0**-54, 0.25]
+    for e in range(0, 53):
+        root = math.sqrt(0.5) * 2.0**-e
+        edges += [math.nextafter(root, 0.0), root, math.nextafter(root, 1.0)]
+    u = torch.cat([u, torch.tensor(edges, dtype=torch.float64)])
+    got = torch_backend._log_unit(u)
+    want = torch.tensor([math.log(v) for v in u.tolist()], dtype=torch.float64)
+    assert torch.all((got - want).abs() <= 16 * 2.0**-53 * want.abs()), (got - want).abs().div(want.abs()).max()
+
+
 def test_a_draw_that_falls_short_continues_the_stream(monkeypatch):
     """The first draw covers mean + 6 sd; with a negative margin it almost never does, and the loop goes on."""
     monkeypatch.setattr(torch_backend, "_DRAW_MARGIN_SD", -4.0)

@@ -78,9 +78,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         bwd = getattr(lib, f"msplora_backward_{name}")
         bwd.argtypes = [p, i64, p, i64, i64, p, p, p, p, p, i64]
         bwd.restype = ctypes.c_int
-    gaps = lib.msplora_gap_positions
-    gaps.argtypes = [p, i64, ctypes.c_double, i64, i64, ctypes.c_int, p, ctypes.POINTER(ctypes.c_double)]
-    gaps.restype = i64
+    draw = lib.msplora_draw_positions
+    draw.argtypes = [ctypes.c_uint64, ctypes.c_uint64, i64, ctypes.c_double, i64, i64, p, ctypes.POINTER(i64), i64]
+    draw.restype = i64
 
 
 _OMP_RUNTIMES = ("libgomp", "libomp", "libiomp")  # GNU, LLVM and Intel OpenMP runtimes, by file name
