@@ -483,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m benchmarks.accuracy",
         description="Test accuracy of LoRA r=8 (peft) vs MSPLoRA 8/4/2 on binary movie-review sentiment with a "
         "pretrained encoder (default: all-MiniLM-L6-v2), several seeds; writes a table, accuracy.json and "
-        "accuracy.png. The default run takes about 15 minutes on 2 CPU cores.",
+        "accuracy.png. The default run takes about 8 minutes on 2 idle CPU cores.",
     )
     p.add_argument("--data", help="tab-separated id<TAB>rating<TAB>text or text<TAB>label (0/1) file (default: the "
                    "movie-review ground truth from vaderSentiment 3.3.2, fetched through pip and cached)")
