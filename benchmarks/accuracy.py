@@ -26,7 +26,7 @@ seeds, best dev accuracy, train time), ``<out>/accuracy.json`` and ``<out>/accur
 against trainable adapter parameters).
 
 Runs go to ``--workers`` processes (default 2) of ``--threads`` threads each (default 1). Default size (chosen for
-about 15 minutes on 2 idle CPU cores): 1,024 training sentences, 2 epochs of
+about 8 minutes on 2 idle CPU cores): 1,024 training sentences, 2 epochs of
 batch 32 (64 steps), learning rate 1e-3, at most 64 tokens per sentence, dev 400, test 1,000, seeds 0, 1, 2:
 5 methods x 3 seeds = 15 runs. This is a small-budget comparison (the paper trains SST-2 for 60 epochs on
 67k sentences); it measures how well each adapter learns from little data and few steps. ``--data FILE`` takes the same id<TAB>rating<TAB>text format, or
