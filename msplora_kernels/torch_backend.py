@@ -52,9 +52,11 @@ with mix64 SplitMix64's output function and G = 0x9e3779b97f4a7c15 its increment
 counter c: it passes BigCrush), so u lies on the 2^52 midpoints of (0, 1). log(u) is computed by a fixed
 sequence of IEEE fp64 operations (``_log_unit``: an exponent split and the atanh series, within a few ulps),
 not by a library log, and the helper runs the same operations in C: the two paths draw the same bits (as
-would a CUDA device by the same argument: IEEE fp64 arithmetic and wrapping int64; untested, no GPU here). Exact up to u's grid and the log's rounding: each element is dropped independently, with a
-p_eff within a relative ~1e-14 of p (each P(gap > g) is off by at most ~2^-52, over the at most 37/p gap
-lengths a draw can give: u >= 2^-53); the scaling 1/(1 - p) is off by as little, far below what any estimate
+would a CUDA device by the same argument: IEEE fp64 arithmetic and wrapping int64; untested, no GPU here).
+Exact up to u's grid and the log's rounding: each P(gap > g) is within about 2^-52 of (1 - p)^g (so each gap
+is within that total-variation distance of the geometric law), except that no gap exceeds
+ceil(log(2^-53) / log(1 - p)) ~ 37/p (of probability e^-37 ~ 1e-16). The mean rate, 1 / E[gap], is within a
+relative ~37 2^-52 ~ 1e-14 of p, and the scaling 1/(1 - p) is off by as little: far below what any estimate
 of the mean could see. Random draws and extra work scale with p M K n, not with M K n: at p = 0.05
 one twentieth of an element-wise pass per branch. The clamp of each gap at total + 1 (past the end) keeps
 the running sums exact integers.
@@ -66,7 +68,8 @@ again from the seed. Nothing of size M x K is saved besides x itself. ``dropout_
 into dense masks, for tests.
 
 Cost at p = 0.05 with three branches, per element of x: 0.15 draws (a hash and a log: about 2 ns each per
-core in the helper with AVX-512, 5 with SSE2; a few dozen PyTorch ops over them on the other path), then in
+core in the helper with AVX-512, 5 with SSE2; on the other path three dozen PyTorch ops over them, about
+28 ns per draw on 2 cores, 3x PyTorch's own ``uniform_`` and ``log_``: the price of identical bits), then in
 the helper one pass over the 0.15 positions per element in forward and one in backward, each doing about
 P = R rounded up to 4 multiply-adds (twice that in backward) from a (K n, P) table; against the p = 0 layer,
 whose GEMMs are 2 (K + N) + 4 R multiply-adds per element. The sparse products instead make a dozen passes
@@ -168,7 +171,8 @@ def _uniforms(key: int, c0: int, n: int, device: torch.device) -> torch.Tensor:
 
 def _log_unit(u: torch.Tensor) -> torch.Tensor:
     """log(u) for fp64 u in [2^-53, 1), within a few ulps: the helper's ``log_unit``, operation for operation
-    (each one correctly rounded IEEE fp64, no fused multiply-add), so the same bits on any device."""
+    (each one correctly rounded IEEE fp64, no fused multiply-add), so the same bits on any device. Eager only:
+    a fusing compiler would contract its multiply-adds (``dropped_positions`` is kept out of torch.compile)."""
     bits = u.view(torch.int64)
     e = (bits >> 52) - 1023
     m = ((bits & ((1 << 52) - 1)) | 0x3FF0000000000000).view(torch.float64)  # u = 2^e m, m in [1, 2)
@@ -189,11 +193,22 @@ def _log_unit(u: torch.Tensor) -> torch.Tensor:
     return e.to(torch.float64) * _LN2 + (s + s) * poly
 
 
+_CPU_CHUNK = 1 << 13  # draws per pass on the CPU: each temporary (64 KB) stays in cache
+
+
 def _log_uniforms(key: int, c0: int, n: int, device: torch.device) -> torch.Tensor:
-    """log(u_c) for the counters c0 .. c0 + n - 1 of stream ``key``: the helper's draw in PyTorch ops."""
-    return _log_unit(_uniforms(key, c0, n, device))
+    """log(u_c) for the counters c0 .. c0 + n - 1 of stream ``key``: the helper's draw in PyTorch ops (on the
+    CPU in chunks: the three dozen temporaries of one pass over 80K draws took twice as long)."""
+    if device.type != "cpu" or n <= _CPU_CHUNK:
+        return _log_unit(_uniforms(key, c0, n, device))
+    out = torch.empty(n, dtype=torch.float64)
+    for start in range(0, n, _CPU_CHUNK):
+        size = min(_CPU_CHUNK, n - start)
+        out[start:start + size] = _log_unit(_uniforms(key, c0 + start, size, device))
+    return out
 
 
+@torch.compiler.disable
 def dropped_positions(seed: int, total: int, p: float, device: torch.device,
                       dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Sorted positions in [0, total) of an i.i.d. Bernoulli(p) dropped set, drawn from ``seed``: int32 when

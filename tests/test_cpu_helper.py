@@ -203,6 +203,25 @@ def test_the_draw_does_not_depend_on_the_thread_count():
         assert torch.equal(other, drawn[0])
 
 
+def _assert_same_logs(lib):
+    """The helper's logs are the PyTorch mirror's bit for bit (a position moves only when a log crosses an
+    integer of y, about once in 10^16 draws: positions alone would pass a log a few ulps off, e.g. one built
+    with fused multiply-adds)."""
+    key, c0, n = torch_backend._stream_key(77), 12_345, (1 << 16) + 5
+    got = torch.empty(n, dtype=torch.float64)
+    lib.msplora_draw_logs(key, c0, n, got.data_ptr())
+    want = torch_backend._log_uniforms(key, c0, n, CPU)
+    assert torch.equal(got.view(torch.int64), want.view(torch.int64)), (got != want).sum()
+
+
+@needs_cc
+def test_the_helper_logs_are_the_pytorch_mirrors_bits():
+    """The loaded build (on x86-64 with GCC 12 or later: the copy target_clones picked for this CPU)."""
+    lib = _cpu.library()
+    assert lib is not None
+    _assert_same_logs(lib)
+
+
 _LEVEL_FLAGS = {  # the /proc/cpuinfo flags each x86-64 level needs (cumulative)
     "x86-64-v2": {"sse4_2", "ssse3", "popcnt", "cx16"},
     "x86-64-v3": {"avx2", "bmi1", "bmi2", "fma", "f16c", "movbe", "abm"},
@@ -225,8 +244,8 @@ def _cpu_has(level):
 @pytest.mark.parametrize("level", [None, "x86-64-v2", "x86-64-v3", "x86-64-v4"])
 def test_every_instruction_set_draws_the_same_bits(monkeypatch, tmp_path, level):
     """The draw's vector loop has one copy per instruction set (GCC's target_clones, chosen at load); each,
-    built alone (-DMSPLORA_NO_CLONES and that -march; None: the compiler's baseline, SSE2), draws the bits of
-    the PyTorch mirror."""
+    built alone (-DMSPLORA_NO_CLONES and that -march; None: the compiler's baseline, SSE2), computes the
+    PyTorch mirror's logs and positions bit for bit."""
     if level is not None and not _cpu_has(level):
         pytest.skip(f"this CPU lacks {level}")
     flags = [*_cpu._FLAGS, "-DMSPLORA_NO_CLONES"] + ([f"-march={level}"] if level else [])
@@ -239,6 +258,7 @@ def test_every_instruction_set_draws_the_same_bits(monkeypatch, tmp_path, level)
         raise
     lib = ctypes.CDLL(target)
     _cpu._declare(lib)
+    _assert_same_logs(lib)
     monkeypatch.setattr(_cpu, "library", lambda: lib)
     for p, total in [(0.05, 200_003), (0.3, 37 * 72 * 3), (1e-4, 10**6), (0.9, 1000)]:
         got = torch_backend.dropped_positions(9, total, p, CPU)  # int32: the helper

@@ -94,8 +94,11 @@ def test_dropped_positions_are_sorted_distinct_and_in_range():
 
 
 def test_the_stream_is_splitmix64_read_at_each_counter_on_the_midpoint_grid():
-    """u_c = (mix64(key + (c + 1) G) >> 12 + 1/2) 2^-52, checked against Python's exact integers; any range of
-    counters gives the same values (counter-based: the helper splits it over threads)."""
+    """mix64 and G are SplitMix64's (its published first outputs from state 0); u_c = (mix64(key + (c + 1) G)
+    >> 12 + 1/2) 2^-52, checked against Python's exact integers; any range of counters gives the same values
+    (counter-based: the helper splits it over threads)."""
+    splitmix64_from_0 = [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
+    assert [torch_backend._mix64((c * torch_backend._MIX_G) % 2**64) for c in (1, 2, 3)] == splitmix64_from_0
     key = torch_backend._stream_key(2024)
     mask = (1 << 64) - 1
     want = [((torch_backend._mix64((key + (c + 1) * torch_backend._MIX_G) & mask) >> 12) + 0.5) * 2.0**-52
@@ -107,11 +110,13 @@ def test_the_stream_is_splitmix64_read_at_each_counter_on_the_midpoint_grid():
 
 
 def test_the_log_is_within_its_error_bound():
-    """_log_unit against libm's log (correctly rounded to within 1 ulp), at 10^6 draws, at the ends of u's grid
-    and around the split points sqrt(1/2) 2^-e. Error model, in units of 2^-53 of |log u|: the reduced
-    argument s costs 1 (two roundings), the series ~3 (its truncation is below 2^-60), the product (s + s) poly
-    0.5; e ln 2 costs 0.8 (ln 2's own rounding and the product's) on a term at most twice |log u| (|log m| <= 0.35
-    <= |log u| when e != 0, so no cancellation), and the final sum 0.5: about 6.5 in all; allowed 16."""
+    """_log_unit against libm's log (within 1 ulp), at 10^6 draws, at the ends of u's grid and around the split
+    points sqrt(1/2) 2^-e. Error model, relative, in units of 2^-53 (one rounding: at most 1): s = f / (f + 2)
+    costs 2 (f is exact), the series about 3 (three additions near 1; its products touch only terms below 0.01 of
+    it; the truncation is below 2^-60), the product (s + s) poly 1: |log m| within about 6. e ln 2 costs 1.3
+    (ln 2's own rounding and the product's) on a term at most twice |log u| (|log m| <= 0.35 <= |log u| when
+    e != 0, so no cancellation), the final sum 1: about 10 in all (the largest seen, 6.5, is at e = 0);
+    allowed 16, plus 1 ulp for libm."""
     u = torch_backend._uniforms(torch_backend._stream_key(7), 0, 10**6, CPU)
     edges = [2.0**-53, 1.5 * 2.0**-53, 1.0 - 2.0**-53, 0.5, 0.5 - 2.0**-54, 0.25]
     for e in range(0, 53):
@@ -120,7 +125,7 @@ def test_the_log_is_within_its_error_bound():
     u = torch.cat([u, torch.tensor(edges, dtype=torch.float64)])
     got = torch_backend._log_unit(u)
     want = torch.tensor([math.log(v) for v in u.tolist()], dtype=torch.float64)
-    assert torch.all((got - want).abs() <= 16 * 2.0**-53 * want.abs()), (got - want).abs().div(want.abs()).max()
+    assert torch.all((got - want).abs() <= 18 * 2.0**-53 * want.abs()), (got - want).abs().div(want.abs()).max()
 
 
 def test_a_draw_that_falls_short_continues_the_stream(monkeypatch):
@@ -360,7 +365,7 @@ def test_a_dropout_outside_0_to_1_is_refused_by_name(p):
 
 
 def test_a_vanishing_p_drops_nothing_rather_than_the_last_element():
-    """For p < 1e-15 the gaps are clamped (they could exceed 2^53); the clamp lands past the end, so the last
-    element is not dropped by every seed."""
+    """Every gap is clamped at total + 1 (for p < 1e-15 they could exceed 2^53); the clamp lands past the end,
+    so the last element is not dropped by every seed."""
     for seed in range(5):
         assert torch_backend.dropped_positions(seed, 10**6, 1e-16, CPU).numel() == 0

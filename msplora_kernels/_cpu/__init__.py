@@ -27,7 +27,7 @@ from typing import Optional
 
 ENV_VAR = "MSPLORA_CPU_EXT"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dropout_correction.c")
-_FLAGS = ["-O3", "-fPIC", "-shared", "-std=c99", "-pthread", "-fno-math-errno", "-ffp-contract=off"]
+_FLAGS = ["-O3", "-fPIC", "-shared", "-std=c99", "-pthread", "-fno-math-errno", "-ffp-contract=off", "-Wno-psabi"]
 _OPENMP = "-fopenmp"
 _lock = threading.Lock()
 _state = {"lib": None, "tried": False, "flags": None}
@@ -81,6 +81,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     draw = lib.msplora_draw_positions
     draw.argtypes = [ctypes.c_uint64, ctypes.c_uint64, i64, ctypes.c_double, i64, i64, p, ctypes.POINTER(i64), i64]
     draw.restype = i64
+    logs = lib.msplora_draw_logs
+    logs.argtypes = [ctypes.c_uint64, ctypes.c_uint64, i64, p]
+    logs.restype = None
 
 
 _OMP_RUNTIMES = ("libgomp", "libomp", "libiomp")  # GNU, LLVM and Intel OpenMP runtimes, by file name

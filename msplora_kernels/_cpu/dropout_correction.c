@@ -320,7 +320,7 @@ DEFINE(bf16, float, v4f, ld_bf16, st_bf16)
 #endif
 typedef uint64_t vu64 __attribute__((vector_size(8 * DRAW_LANES)));
 typedef double vf64 __attribute__((vector_size(8 * DRAW_LANES)));
-typedef uint32_t vu32 __attribute__((vector_size(4 * DRAW_LANES)));
+typedef uint32_t vu32 __attribute__((vector_size(4 * DRAW_LANES))); /* DRAW_LANES: a power of two */
 #define SQRT2_BITS 0x3ff6a09e667f3bcdull /* the bits of the double nearest sqrt(2), 0x1.6a09e667f3bcdp+0 */
 #define SPLAT(T, v) ((T){0} + (v))
 
@@ -400,8 +400,12 @@ DRAW_CLONES static void *gaps_job(void *arg) {
     int64_t q = job->q0;
     for (; q + DRAW_LANES <= job->q1; q += DRAW_LANES, state += SPLAT(vu64, DRAW_LANES * MIX_G)) {
         const vu64 g = gaps_of(state, inv_log, limit);
+#if defined(__clang__) || __GNUC__ >= 9
         const vu32 packed = __builtin_convertvector(g, vu32);
         memcpy(gap + q, &packed, sizeof packed);
+#else
+        for (int u = 0; u < DRAW_LANES; ++u) gap[q + u] = (uint32_t)g[u];
+#endif
         sums += g;
     }
     int64_t sum = 0;
@@ -430,6 +434,20 @@ static void *positions_job(void *arg) {
     }
     job->made = made;
     return NULL;
+}
+
+/* The logs alone: out[q] = log_unit(u_{c0 + q}) for q < count, by the same vector code (tests compare its
+ * bits with torch_backend._log_uniforms: the positions alone would hide a log that is a few ulps off). */
+DRAW_CLONES void msplora_draw_logs(uint64_t key, uint64_t c0, int64_t count, double *out) {
+    const uint64_t first = key + (c0 + 1) * MIX_G;
+    uint64_t offsets[DRAW_LANES];
+    for (int u = 0; u < DRAW_LANES; ++u) offsets[u] = first + (uint64_t)u * MIX_G;
+    vu64 state;
+    memcpy(&state, offsets, sizeof state);
+    for (int64_t q = 0; q < count; q += DRAW_LANES, state += SPLAT(vu64, DRAW_LANES * MIX_G)) {
+        const vf64 l = log_unit(unit_midpoint(mix64(state)));
+        memcpy(out + q, &l, (size_t)(count - q < DRAW_LANES ? count - q : DRAW_LANES) * sizeof(double));
+    }
 }
 
 /* Draws count gaps from counter c0 of the stream ``key`` (0 <= start <= total < 2^31); writes the positions
