@@ -40,8 +40,9 @@ bare cuBLAS (x W^T forward, dy W backward):
 dy: 1.338 / 1.239 and 1.190 / 1.122 at p=0.05, 1.205 / 1.107 and 1.140 / 1.073 at p=0.) The 1.12x target
 is not met at N=4096: the shrink is integer-bound (69 us of RNG against 17 us of memory traffic for x), and
 the unfused path's extra passes (y += S B^T, the dx epilogue's read and write of dx) cost another ~60 us
-against the bare layer's 556 us. What would close it: drawing work proportional to p (a complement-sparse
-draw, issue 11 design 1).
+against the bare layer's 556 us. A cheaper draw alone cannot close it (the model with the draw free: fused
+1.126 at N=4096; with the mask reads free too: 1.103). What would: the PyTorch backend's complement-sparse
+correction on the GPU, the dense kernels then being the p = 0 ones (issue 11 design 1).
 
 Kernels (all accumulate in fp32, fp64 for fp64 inputs, and store in the output's dtype):
 
