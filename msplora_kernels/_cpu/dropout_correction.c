@@ -159,10 +159,16 @@ typedef struct {
 #define MAX_THREADS 64
 #define MIN_PER_THREAD 16384 /* positions: below this a thread costs more than it saves */
 
+/* How many threads ``work`` items get: ``threads`` within 1 .. MAX_THREADS, and at least ``min_each`` each. */
+static int64_t threads_for(int64_t work, int64_t threads, int64_t min_each) {
+    int64_t t_used = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
+    if (work / min_each < t_used) t_used = work / min_each > 1 ? work / min_each : 1;
+    return t_used;
+}
+
 /* Up to ``threads`` jobs over whole rows (row = position / width), about equal in positions; their count. */
 static int64_t split(const int32_t *pos, int64_t npos, int64_t width, int64_t threads, job_t *jobs) {
-    int64_t t_used = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
-    if (npos / MIN_PER_THREAD < t_used) t_used = npos / MIN_PER_THREAD > 1 ? npos / MIN_PER_THREAD : 1;
+    const int64_t t_used = threads_for(npos, threads, MIN_PER_THREAD);
     int64_t start = 0, made = 0;
     for (int64_t t = 0; t < t_used && start < npos; ++t) {
         int64_t end = t == t_used - 1 ? npos : npos * (t + 1) / t_used;
@@ -370,6 +376,16 @@ typedef struct {
     int64_t sum, made;
 } draw_job_t;
 
+/* SplitMix64's states key + (c + 1 + u) G of the counters c .. c + DRAW_LANES - 1; a step of DRAW_LANES counters
+ * adds DRAW_LANES G to each lane. */
+static inline vu64 counter_state(uint64_t key, uint64_t c) {
+    uint64_t lanes[DRAW_LANES];
+    for (int u = 0; u < DRAW_LANES; ++u) lanes[u] = key + (c + 1 + (uint64_t)u) * MIX_G;
+    vu64 state;
+    memcpy(&state, lanes, sizeof state);
+    return state;
+}
+
 /* a < b as all ones or zeros, for non-negative doubles (their bits order as they do) */
 static inline vu64 below(vf64 a, vf64 b) { return SPLAT(vu64, 0) - (((vu64)a - (vu64)b) >> 63); }
 
@@ -391,12 +407,7 @@ DRAW_CLONES static void *gaps_job(void *arg) {
     draw_job_t *job = (draw_job_t *)arg;
     uint32_t *gap = (uint32_t *)job->out;
     const vf64 limit = SPLAT(vf64, (double)job->total + 1.0), inv_log = SPLAT(vf64, job->inv_log);
-    const uint64_t first = job->key + (job->c0 + (uint64_t)job->q0 + 1) * MIX_G;
-    uint64_t offsets[DRAW_LANES];
-    for (int u = 0; u < DRAW_LANES; ++u) offsets[u] = first + (uint64_t)u * MIX_G;
-    vu64 state;
-    memcpy(&state, offsets, sizeof state);
-    vu64 sums = SPLAT(vu64, 0);
+    vu64 state = counter_state(job->key, job->c0 + (uint64_t)job->q0), sums = SPLAT(vu64, 0);
     int64_t q = job->q0;
     for (; q + DRAW_LANES <= job->q1; q += DRAW_LANES, state += SPLAT(vu64, DRAW_LANES * MIX_G)) {
         const vu64 g = gaps_of(state, inv_log, limit);
@@ -439,11 +450,7 @@ static void *positions_job(void *arg) {
 /* The logs alone: out[q] = log_unit(u_{c0 + q}) for q < count, by the same vector code (tests compare its
  * bits with torch_backend._log_uniforms: the positions alone would hide a log that is a few ulps off). */
 DRAW_CLONES void msplora_draw_logs(uint64_t key, uint64_t c0, int64_t count, double *out) {
-    const uint64_t first = key + (c0 + 1) * MIX_G;
-    uint64_t offsets[DRAW_LANES];
-    for (int u = 0; u < DRAW_LANES; ++u) offsets[u] = first + (uint64_t)u * MIX_G;
-    vu64 state;
-    memcpy(&state, offsets, sizeof state);
+    vu64 state = counter_state(key, c0);
     for (int64_t q = 0; q < count; q += DRAW_LANES, state += SPLAT(vu64, DRAW_LANES * MIX_G)) {
         const vf64 l = log_unit(unit_midpoint(mix64(state)));
         memcpy(out + q, &l, (size_t)(count - q < DRAW_LANES ? count - q : DRAW_LANES) * sizeof(double));
@@ -456,9 +463,7 @@ DRAW_CLONES void msplora_draw_logs(uint64_t key, uint64_t c0, int64_t count, dou
 int64_t msplora_draw_positions(uint64_t key, uint64_t c0, int64_t count, double inv_log, int64_t start,
                                int64_t total, int32_t *out, int64_t *last, int64_t threads) {
     if (count < 0 || start < 0 || total < start || total >= ((int64_t)1 << 31)) return -1;
-    int64_t t_used = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
-    if (count / MIN_DRAWS_PER_THREAD < t_used)
-        t_used = count / MIN_DRAWS_PER_THREAD > 1 ? count / MIN_DRAWS_PER_THREAD : 1;
+    const int64_t t_used = threads_for(count, threads, MIN_DRAWS_PER_THREAD);
     draw_job_t jobs[MAX_THREADS];
     for (int64_t t = 0; t < t_used; ++t) {
         jobs[t].key = key, jobs[t].c0 = c0, jobs[t].total = total;
