@@ -15,9 +15,14 @@ def _seed():
 
 
 @pytest.fixture
-def one_thread():
-    """Tiny models gain nothing from more threads, and spinning threads slow a busy 2-core machine badly."""
+def restore_num_threads():
+    """PyTorch's thread count as it was before the test, whatever the test sets."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread(restore_num_threads):
+    """Tiny models gain nothing from more threads, and spinning threads slow a busy 2-core machine badly."""
+    torch.set_num_threads(1)

@@ -187,18 +187,14 @@ def test_the_helper_draws_the_same_positions_as_pytorch(monkeypatch, p, short_fi
 
 
 @needs_cc
-def test_the_draw_does_not_depend_on_the_thread_count():
+def test_the_draw_does_not_depend_on_the_thread_count(restore_num_threads):
     """About 107K draws: up to six shares of at least 16384 (counter-based, so each share is computed alone);
     any number of threads gives the same positions."""
     total, p = 3 * 1024 * 700, 0.05
-    before = torch.get_num_threads()
-    try:
-        drawn = []
-        for threads in (1, 2, 3, 7):
-            torch.set_num_threads(threads)
-            drawn.append(torch_backend.dropped_positions(21, total, p, CPU))
-    finally:
-        torch.set_num_threads(before)
+    drawn = []
+    for threads in (1, 2, 3, 7):
+        torch.set_num_threads(threads)
+        drawn.append(torch_backend.dropped_positions(21, total, p, CPU))
     for other in drawn[1:]:
         assert torch.equal(other, drawn[0])
 
@@ -268,20 +264,16 @@ def test_every_instruction_set_draws_the_same_bits(monkeypatch, tmp_path, level)
 
 @needs_cc
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_rows_split_over_threads_give_the_sparse_products(monkeypatch, threads):
+def test_rows_split_over_threads_give_the_sparse_products(monkeypatch, threads, restore_num_threads):
     """Enough dropped positions for several workers (each owns whole rows; at least 16384 positions each): the
     same results as the sparse products in fp64, and S and dx bit for bit those of one thread (per row, in
     order); dA sums the workers' partial G in another order (a few ulps)."""
     m, k, n, ranks = 401, 150, 50, (8, 4, 2)  # p = 0.3: about 54K dropped positions
     tensors = problem(m, k, n, ranks)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = run(monkeypatch, "helper", torch.float64, tensors, ranks, 0.3)
-        torch.set_num_threads(threads)
-        got = run(monkeypatch, "helper", torch.float64, tensors, ranks, 0.3)
-    finally:
-        torch.set_num_threads(before)
+    torch.set_num_threads(1)
+    single = run(monkeypatch, "helper", torch.float64, tensors, ranks, 0.3)
+    torch.set_num_threads(threads)
+    got = run(monkeypatch, "helper", torch.float64, tensors, ranks, 0.3)
     want = run(monkeypatch, "sparse", torch.float64, tensors, ranks, 0.3)
     _assert_fp64_close(got, want)
     for i in (0, 1, 2):  # y, S, dx
@@ -313,7 +305,7 @@ def _omp_runtimes_mapped():
 @pytest.mark.skipif(not _cpu._openmp_wanted() or not _compiler_has_openmp(),
                     reason="no OpenMP build here: PyTorch not on a libgomp.so.1, no /proc/self/maps, or the "
                            "compiler has no -fopenmp")
-def test_the_openmp_build_runs_in_pytorchs_own_pool(monkeypatch):
+def test_the_openmp_build_runs_in_pytorchs_own_pool(monkeypatch, restore_num_threads):
     """Where PyTorch runs on libgomp.so.1 the helper is built with OpenMP (with GCC always) and shares that
     runtime: one OpenMP runtime mapped, and a call on several threads starts no thread of its own."""
     monkeypatch.setenv(_cpu.ENV_VAR, "1")
@@ -321,7 +313,6 @@ def test_the_openmp_build_runs_in_pytorchs_own_pool(monkeypatch):
     x = torch.randn(401, 150)
     a = torch.randn(14, 150)
     s = torch.zeros(401, 14)
-    before_threads = torch.get_num_threads()
     gcc = "Free Software Foundation" in subprocess.run([_compiler(), "--version"], capture_output=True,
                                                        text=True).stdout
     _cpu.reset()
@@ -340,7 +331,6 @@ def test_the_openmp_build_runs_in_pytorchs_own_pool(monkeypatch):
         torch_backend._helper_forward(helper, positions, x, a, ranks, s)
         assert len(os.listdir("/proc/self/task")) == threads
     finally:
-        torch.set_num_threads(before_threads)
         _cpu.reset()
 
 
