@@ -100,11 +100,13 @@ def _drawn_mask(seed, threshold, rows, first_col, row_len, HALF_COLS: tl.constex
     t = threshold.to(tl.uint32)
     t2 = t | (t << 16)
     high = tl.full((1,), 0x80008000, tl.uint32)
+    ones = tl.full((1,), 0xFFFFFFFF, tl.uint32)  # x ^ ones, not ~x: triton 3.6's interpreter rejects ~ on uint32
+    t2_low, t2_not = t2 & (high ^ ones), t2 ^ ones
     acc = (w0 * 0).to(tl.uint32)
     for branch in tl.static_range(BRANCHES):
         w = w0 if branch == 0 else (w1 if branch == 1 else (w2 if branch == 2 else w3))
-        d = (w | high) - (t2 & ~high)
-        ge = ((w & ~t2) | (~(w ^ t2) & d)) & high
+        d = (w | high) - t2_low
+        ge = ((w & t2_not) | ((w ^ t2_not) & d)) & high
         acc |= ge >> (15 - branch)  # even element's bit at s, odd element's at 16 + s
     return ((acc | (acc >> 12)) & 0xFF).to(tl.int32)
 
